@@ -1,0 +1,17 @@
+"""User-facing errors: each message is one line naming the problem and the fix."""
+
+
+class MindVLError(Exception):
+    """An expected failure caused by the user's input; the CLI prints it as one line, no traceback."""
+
+
+class CheckpointError(MindVLError):
+    """A model folder is missing files, has corrupt files, or disagrees with its config."""
+
+
+class MediaError(MindVLError):
+    """An image or video cannot be read or is out of bounds."""
+
+
+class UnsupportedError(MindVLError):
+    """A request the backend or the model cannot serve (architecture, dtype on this device)."""

@@ -1,0 +1,59 @@
+"""Functional building blocks shared by the vision and text cells.
+
+Weights arrive as plain tensor arguments (never captured Parameters) so that an exported graph holds no
+weights and every bucket reads the same single copy. Only `mindspore.ops` primitives with both CPU and
+Ascend kernels are used (many `mindspore.mint` ops have no CPU kernel).
+"""
+
+from __future__ import annotations
+
+from mindspore import Tensor, ops
+from mindspore import dtype as mstype
+
+_matmul_t = ops.MatMul(transpose_b=True)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T (+ bias) with the HF [out, in] weight layout, for inputs of any rank."""
+    lead = x.shape[:-1]
+    y = _matmul_t(x.reshape(-1, x.shape[-1]), weight)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(lead + (weight.shape[0],))
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Statistics in float32 whatever the model dtype, as the reference does.
+    h = x.astype(mstype.float32)
+    h = h * ops.rsqrt(ops.mean(h * h, -1, keep_dims=True) + eps)
+    return weight * h.astype(x.dtype)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
+    h = x.astype(mstype.float32)
+    mean = ops.mean(h, -1, keep_dims=True)
+    centred = h - mean
+    var = ops.mean(centred * centred, -1, keep_dims=True)
+    return (centred * ops.rsqrt(var + eps)).astype(x.dtype) * weight + bias
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return ops.concat((-x[..., half:], x[..., :half]), -1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    return x * ops.sigmoid(1.702 * x)
+
+
+def silu(x: Tensor) -> Tensor:
+    return x * ops.sigmoid(x)
+
+
+def softmax_f32(scores: Tensor, dtype: mstype.Type) -> Tensor:
+    """Softmax in float32 whatever the model dtype, cast back, as the reference does."""
+    return ops.softmax(scores.astype(mstype.float32), -1).astype(dtype)

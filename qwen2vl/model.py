@@ -1,0 +1,178 @@
+"""Qwen2-VL in MindSpore: the vision and text cells, their single copy of the weights, and host glue.
+
+`mode="graph"` runs the cells compiled (`mindspore.jit`), `mode="pynative"` runs the very same cells eagerly.
+Everything data-dependent (embedding lookup, visual token placement, M-RoPE ids, masks) is host numpy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+from mindspore import dtype as mstype
+
+from mindvl.errors import UnsupportedError
+from mindvl.qwen2vl.config import ModelConfig, read_config
+from mindvl.qwen2vl.text import KVCache, TextStep
+from mindvl.qwen2vl.vision import VisionEncoder
+from mindvl.qwen2vl.weights import load_weights, text_weight_names, vision_weight_names
+from mindvl.shapes.rope_index import rope_index
+from mindvl.shapes.text_inputs import attention_mask, place_visual
+from mindvl.shapes.vision_inputs import block_mask, frame_lengths, vision_rotary
+
+DTYPES = {"float32": mstype.float32, "float16": mstype.float16, "bfloat16": mstype.bfloat16}
+MODES = ("graph", "pynative")
+
+
+def select_device(device: str | None = None) -> str:
+    """The requested device, else Ascend when this MindSpore build sees one, else CPU."""
+    if device is not None:
+        if device not in ("CPU", "Ascend"):
+            raise UnsupportedError(f"device {device!r} is not supported; use 'CPU' or 'Ascend'")
+        return device
+    return "Ascend" if ms.hal.is_available("Ascend") else "CPU"
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    prefill_ms: float
+    decode_ms: list[float] = field(default_factory=list)
+    top2_margins: list[float] = field(default_factory=list)
+
+
+class Qwen2VL:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, np.ndarray], dtype: str = "float32",
+                 device: str | None = None) -> None:
+        if dtype not in DTYPES:
+            raise UnsupportedError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        self.cfg, self.dtype, self.device = cfg, dtype, select_device(device)
+        ms.set_context(mode=ms.PYNATIVE_MODE, device_target=self.device)
+        ms_dtype = DTYPES[dtype]
+        # bfloat16 has no numpy type: the host keeps float32 copies and the device tensors are bfloat16.
+        self.np_dtype = np.float16 if dtype == "float16" else np.float32
+        self.embed = np.ascontiguousarray(weights["text.embed.weight"], dtype=self.np_dtype)
+
+        def device_tensor(name: str) -> Tensor:
+            if name == "text.lm_head.weight" and cfg.text.tie_word_embeddings and dtype != "bfloat16":
+                return Tensor.from_numpy(self.embed)  # tied: share the host table's memory
+            return Tensor(np.asarray(weights[name], dtype=self.np_dtype), ms_dtype)
+
+        self.vision_weights = tuple(device_tensor(n) for n in vision_weight_names(cfg))
+        self.text_weights = tuple(device_tensor(n) for n in text_weight_names(cfg))
+        self.vision = VisionEncoder(cfg.vision)
+        self._graphs: dict[int, Callable] = {}
+        self._steps: dict[tuple[int, int, int], tuple[TextStep, TextStep]] = {}
+
+    def text_steps(self, batch: int, seq_len: int, capacity: int) -> tuple[TextStep, TextStep]:
+        """(prefill, decode) cells over one shared cache, made once per shape and kept, like a bucket."""
+        key = (batch, seq_len, capacity)
+        if key not in self._steps:
+            cache = KVCache(self.cfg.text, batch, capacity, DTYPES[self.dtype])
+            self._steps[key] = (TextStep(self.cfg.text, cache, seq_len), TextStep(self.cfg.text, cache, 1))
+        return self._steps[key]
+
+    def _run(self, cell: ms.nn.Cell, mode: str, *args: Tensor) -> np.ndarray:
+        if mode not in MODES:
+            raise UnsupportedError(f"mode {mode!r} is not supported; use 'graph' or 'pynative'")
+        if self.dtype == "bfloat16" and self.device == "CPU":
+            raise UnsupportedError("bfloat16 has no MindSpore CPU kernels (MatMul, Softmax); run it on Ascend, "
+                                   "or use dtype='float32' or 'float16' on CPU")
+        fn = cell
+        if mode == "graph":
+            # Cells live as long as the model (kept in self.vision / self._steps), so id() is stable.
+            fn = self._graphs.setdefault(id(cell), ms.jit(cell))
+        return fn(*args).asnumpy()
+
+    def _tensor(self, a: np.ndarray) -> Tensor:
+        return Tensor(np.asarray(a, dtype=self.np_dtype), DTYPES[self.dtype])
+
+    def encode_vision(self, pixel_values: np.ndarray, grid_thw: np.ndarray, mode: str = "graph") -> np.ndarray:
+        """Merged visual tokens [sum(t*h*w)/merge², hidden] for patches of one or more images or videos."""
+        v = self.cfg.vision
+        cos, sin = vision_rotary(grid_thw, v.head_dim, v.spatial_merge_size)
+        mask = block_mask(frame_lengths(grid_thw), self.np_dtype)
+        args = (self._tensor(pixel_values), Tensor(cos), Tensor(sin), self._tensor(mask))
+        return self._run(self.vision, mode, *args, *self.vision_weights)
+
+    def embed_prompt(self, input_ids: np.ndarray, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                     video_grid_thw=None, mode: str = "graph") -> np.ndarray:
+        embeds = self.embed[np.asarray(input_ids)]
+        for pixels, grid, token in ((pixel_values, image_grid_thw, self.cfg.image_token_id),
+                                    (pixel_values_videos, video_grid_thw, self.cfg.video_token_id)):
+            if pixels is not None:
+                place_visual(embeds, input_ids, token, self.encode_vision(pixels, grid, mode))
+        return embeds
+
+    def position_ids(self, input_ids: np.ndarray, image_grid_thw=None, video_grid_thw=None,
+                     attention_mask_2d: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        c = self.cfg
+        return rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask_2d,
+                          image_token_id=c.image_token_id, video_token_id=c.video_token_id,
+                          vision_start_token_id=c.vision_start_token_id,
+                          spatial_merge_size=c.vision.spatial_merge_size)
+
+    def _step(self, cell: TextStep, embeds: np.ndarray, position_ids: np.ndarray, slots: np.ndarray,
+              key_valid: np.ndarray, logits_index: np.ndarray, mode: str) -> np.ndarray:
+        args = (self._tensor(embeds), Tensor(position_ids.astype(np.int32)), Tensor(slots.astype(np.int32)),
+                self._tensor(attention_mask(key_valid, slots, self.np_dtype)), Tensor(logits_index.astype(np.int32)))
+        return self._run(cell, mode, *args, *self.text_weights)
+
+    def logits(self, input_ids: np.ndarray, pixel_values: np.ndarray | None = None,
+               image_grid_thw: np.ndarray | None = None, pixel_values_videos: np.ndarray | None = None,
+               video_grid_thw: np.ndarray | None = None, attention_mask: np.ndarray | None = None,
+               mode: str = "graph") -> np.ndarray:
+        """Logits [batch, seq, vocab] (float32) of a full forward, inputs as transformers' processor gives them."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        b, s = input_ids.shape
+        valid = np.ones((b, s), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+        embeds = self.embed_prompt(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, mode)
+        position_ids, _ = self.position_ids(input_ids, image_grid_thw, video_grid_thw, attention_mask)
+        step, _ = self.text_steps(b, s, s)
+        slots = np.broadcast_to(np.arange(s), (b, s))
+        return self._step(step, embeds, position_ids, slots, valid, slots, mode)
+
+    def generate(self, input_ids: np.ndarray, pixel_values: np.ndarray | None = None,
+                 image_grid_thw: np.ndarray | None = None, pixel_values_videos: np.ndarray | None = None,
+                 video_grid_thw: np.ndarray | None = None, max_new_tokens: int = 16, mode: str = "graph",
+                 stop_ids: tuple[int, ...] | None = None) -> Generation:
+        """Greedy decoding of one prompt (batch 1) with the KV cache: prefill once, then one token per step."""
+        input_ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        s = input_ids.shape[1]
+        stop_ids = (self.cfg.eos_token_id,) if stop_ids is None else stop_ids
+        capacity = s + max_new_tokens
+        prefill, decode = self.text_steps(1, s, capacity)
+        key_valid = np.zeros((1, capacity), bool)
+        key_valid[:, :s] = True
+
+        start = time.perf_counter()
+        embeds = self.embed_prompt(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, mode)
+        position_ids, rope_deltas = self.position_ids(input_ids, image_grid_thw, video_grid_thw)
+        logits = self._step(prefill, embeds, position_ids, np.arange(s)[None], key_valid, np.array([[s - 1]]), mode)
+        out = Generation(token_ids=[], prefill_ms=(time.perf_counter() - start) * 1e3)
+        for slot in range(s, capacity):
+            row = logits[0, -1]
+            top2 = np.partition(row, -2)[-2:]
+            out.top2_margins.append(float(top2[1] - top2[0]))
+            token = int(row.argmax())
+            out.token_ids.append(token)
+            if token in stop_ids or slot == capacity - 1:
+                break
+            start = time.perf_counter()
+            key_valid[:, slot] = True
+            pos = np.full((3, 1, 1), slot, np.int64) + rope_deltas.reshape(1, 1, 1)
+            logits = self._step(decode, self.embed[[[token]]], pos, np.array([[slot]]), key_valid,
+                                np.zeros((1, 1)), mode)
+            out.decode_ms.append((time.perf_counter() - start) * 1e3)
+        return out
+
+
+def load(model_dir: str | Path, dtype: str = "float32", device: str | None = None) -> Qwen2VL:
+    """Load a Hugging Face Qwen2-VL folder (config.json + safetensors) into MindSpore cells."""
+    cfg = read_config(model_dir)
+    return Qwen2VL(cfg, load_weights(model_dir, cfg), dtype, device)

@@ -1,0 +1,117 @@
+"""Qwen2 text decoder over a static KV cache: one cell serves prefill, decode and full forwards.
+
+    embeds [B, S, H] ──▶ layers × (RMSNorm → GQA attention with M-RoPE over the cache → RMSNorm → SwiGLU)
+        ──gather rows `logits_index`──▶ RMSNorm ──▶ lm_head ──▶ logits [B, K, vocab] (float32)
+
+The cache is allocated once at its full capacity and written by slot; the host owns how much of it is
+filled and says so through `cache_positions` (slots written by this call) and the additive `mask`.
+Prefill (S = bucket length) and decode (S = 1) are two instances sharing one `KVCache`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore import dtype as mstype
+
+from mindvl.qwen2vl.config import TextConfig
+from mindvl.qwen2vl.layers import apply_rotary, linear, rms_norm, silu, softmax_f32
+
+WEIGHTS_PER_LAYER = 12
+_bmm = ops.BatchMatMul()
+_bmm_t = ops.BatchMatMul(transpose_b=True)
+
+
+def mrope_table(cfg: TextConfig) -> np.ndarray:
+    """[3, head_dim] float32: row i holds the inverse frequency of each rotary dim driven by index i (t, h, w).
+
+    Multiplying positions [.., 3] by it gives each dim its angle from its own section's index, which is
+    the reference's split-and-pick of the mrope sections, as one exact MatMul (one non-zero per column).
+    """
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)))
+    section = np.repeat(np.arange(3), cfg.mrope_section)
+    table = np.zeros((3, cfg.head_dim), np.float32)
+    for d in range(cfg.head_dim):
+        table[section[d % half], d] = inv_freq[d % half]
+    return table
+
+
+class KVCache(nn.Cell):
+    """Keys and values of every layer, [B*kv_heads*capacity, head_dim] each, so one scatter writes a step."""
+
+    def __init__(self, cfg: TextConfig, batch: int, capacity: int, dtype: mstype.Type) -> None:
+        super().__init__()
+        self.batch, self.capacity = batch, capacity
+        shape = (batch * cfg.num_key_value_heads * capacity, cfg.head_dim)
+
+        def zeros(kind: str) -> ParameterTuple:
+            return ParameterTuple(
+                Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=f"cache_{kind}_{i}", requires_grad=False)
+                for i in range(cfg.num_hidden_layers))
+
+        self.keys, self.values = zeros("k"), zeros("v")
+
+    def reset(self) -> None:
+        for p in tuple(self.keys) + tuple(self.values):
+            p.set_data(ops.zeros_like(p))
+
+
+class TextStep(nn.Cell):
+    """construct(embeds, position_ids, cache_positions, mask, logits_index, *weights) → logits.
+
+    embeds [B, S, H]; position_ids [3, B, S] int32 (M-RoPE); cache_positions [B, S] int32 (slot each token is
+    written to); mask [B, S, C] additive; logits_index [B, K] int32 (rows whose logits are returned);
+    weights in `text_weight_names` order.
+    """
+
+    def __init__(self, cfg: TextConfig, cache: KVCache, seq_len: int) -> None:
+        super().__init__()
+        self.cfg, self.cache, self.seq_len = cfg, cache, seq_len
+        self.scale = cfg.head_dim**-0.5
+        self.rope = Tensor(mrope_table(cfg))
+        kvh, cap = cfg.num_key_value_heads, cache.capacity
+        # First row of each (batch, kv head) block in the flattened cache.
+        self.row_base = Tensor((np.arange(cache.batch * kvh, dtype=np.int32) * cap).reshape(cache.batch, kvh, 1))
+
+    def rotary(self, position_ids: Tensor, dtype: mstype.Type) -> tuple[Tensor, Tensor]:
+        pos = position_ids.astype(mstype.float32).transpose(1, 2, 0)
+        angle = ops.matmul(pos, self.rope)
+        return ops.cos(angle).astype(dtype), ops.sin(angle).astype(dtype)
+
+    def attention(self, layer: int, x: Tensor, w: tuple, cos: Tensor, sin: Tensor, rows: Tensor,
+                  mask: Tensor) -> Tensor:
+        cfg = self.cfg
+        b, s = x.shape[0], x.shape[1]
+        kvh, groups, d = cfg.num_key_value_heads, cfg.kv_groups, cfg.head_dim
+        cos, sin = cos.reshape(b, s, 1, d), sin.reshape(b, s, 1, d)
+        q = apply_rotary(linear(x, w[0], w[1]).reshape(b, s, -1, d), cos, sin)
+        k = apply_rotary(linear(x, w[2], w[3]).reshape(b, s, kvh, d), cos, sin)
+        v = linear(x, w[4], w[5]).reshape(b, s, kvh, d)
+        keys = ops.scatter_update(self.cache.keys[layer], rows, k.transpose(0, 2, 1, 3))
+        values = ops.scatter_update(self.cache.values[layer], rows, v.transpose(0, 2, 1, 3))
+        keys = keys.reshape(b, kvh, -1, d)
+        values = values.reshape(b, kvh, -1, d)
+        # Query heads of one kv head are stacked along the rows, so GQA needs no copy of the cache.
+        q = q.reshape(b, s, kvh, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, groups * s, d)
+        scores = (_bmm_t(q, keys) * self.scale).reshape(b, kvh, groups, s, -1) + mask.reshape(b, 1, 1, s, -1)
+        probs = softmax_f32(scores, x.dtype).reshape(b, kvh, groups * s, -1)
+        out = _bmm(probs, values).reshape(b, kvh, groups, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, -1)
+        return linear(out, w[6])
+
+    def construct(self, embeds: Tensor, position_ids: Tensor, cache_positions: Tensor, mask: Tensor,
+                  logits_index: Tensor, *weights: Tensor) -> Tensor:
+        cfg = self.cfg
+        b, s = embeds.shape[0], embeds.shape[1]
+        cos, sin = self.rotary(position_ids, embeds.dtype)
+        rows = self.row_base + cache_positions.reshape(b, 1, s)
+        x = embeds
+        for i in range(cfg.num_hidden_layers):
+            w = weights[i * WEIGHTS_PER_LAYER: (i + 1) * WEIGHTS_PER_LAYER]
+            x = x + self.attention(i, rms_norm(x, w[0], cfg.rms_norm_eps), w[1:8], cos, sin, rows, mask)
+            h = rms_norm(x, w[8], cfg.rms_norm_eps)
+            x = x + linear(silu(linear(h, w[9])) * linear(h, w[10]), w[11])
+        k = logits_index.shape[1]
+        x = ops.gather_elements(x, 1, logits_index.reshape(b, k, 1).broadcast_to((b, k, cfg.hidden_size)))
+        norm_w, lm_head = weights[cfg.num_hidden_layers * WEIGHTS_PER_LAYER:]
+        return linear(rms_norm(x, norm_w, cfg.rms_norm_eps), lm_head).astype(mstype.float32)

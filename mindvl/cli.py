@@ -3,24 +3,83 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mindvl", description="Qwen2-VL as graph-mode MindSpore at static shapes.")
+    parser = argparse.ArgumentParser(prog="mindvl", description="Qwen2-VL as graph-mode MindSpore MindIR at static shapes.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="image and video prompts in graph mode vs pynative (default: a tiny random model)")
+    demo = sub.add_parser("demo", help="export a model (default: a tiny random one), answer image and video prompts "
+                                       "through the runtime, and compare latency with pynative")
     demo.add_argument("--model", help="a Hugging Face Qwen2-VL folder (default: a tiny random one, made locally)")
     demo.add_argument("-p", "--prompt", help="the user's text (default: the demo's own image and video prompts)")
     demo.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     demo.add_argument("--video", action="append", default=[], help="a video file; repeat for several")
-    demo.add_argument("--cache-dir", help="where the tiny model is written (default: the user cache folder)")
+    demo.add_argument("--preset", default="tiny", help="bucket preset the demo exports at (default: tiny)")
+    demo.add_argument("--cache-dir", help="where the model and its artifacts go (default: the user cache folder)")
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.add_argument("--device", choices=("CPU", "Ascend"), default=None)
+
+    export = sub.add_parser("export", help="MindIR graphs at every bucket + one copy of the weights + manifest")
+    export.add_argument("model_dir", help="Hugging Face Qwen2-VL folder (config.json, *.safetensors, tokenizer)")
+    export.add_argument("-o", "--output", required=True, help="artifact folder to create")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--buckets", help="bucket spec YAML file")
+    which.add_argument("--preset", help="a bucket preset shipped with mindvl (default: default)")
+    export.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="overrides the spec's dtype")
+    export.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
+    inspect = sub.add_parser("inspect", help="what an artifact folder holds")
+    inspect.add_argument("artifacts")
+    inspect.add_argument("--verify", action="store_true", help="rehash every file and load every graph")
+
+    generate = sub.add_parser("generate", help="answer a prompt with exported artifacts")
+    generate.add_argument("artifacts")
+    generate.add_argument("-p", "--prompt", required=True)
+    generate.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    generate.add_argument("--video", action="append", default=[], help="a video file; repeat for several")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    generate.add_argument("--json", action="store_true", help="print one JSON object with ids, buckets, timings")
+    generate.add_argument("--device", choices=("CPU", "Ascend"), default=None)
     return parser
+
+
+def _export(args: argparse.Namespace) -> None:
+    from mindvl.export import export_artifacts
+    from mindvl.shapes.buckets import BucketSpec
+
+    spec = BucketSpec.from_yaml(args.buckets) if args.buckets else BucketSpec.preset(args.preset or "default")
+    export_artifacts(args.model_dir, args.output, spec, dtype=args.dtype, force=args.force)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from mindvl.runtime import Output, Runtime
+
+    rt = Runtime.load(args.artifacts, device=args.device)
+    out = Output()
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, seed=args.seed, output=out)
+    stream_to = sys.stderr if args.json else sys.stdout
+    for piece in rt.stream(args.prompt, images=args.image, videos=args.video, **sampling):
+        if args.stream:
+            print(piece, end="", file=stream_to, flush=True)
+    if args.json:
+        timings = {k: round(out.timings[k], 3) for k in ("vision", "prefill", "decode_per_token", "total")}
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
+                          "buckets": out.buckets, "timings_ms": timings}, ensure_ascii=False))
+    elif args.stream:
+        print()
+    else:
+        print(out.text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +93,16 @@ def main(argv: list[str] | None = None) -> int:
             from mindvl.demo import run_demo
 
             run_demo(model_dir=args.model, prompt=args.prompt, images=args.image, videos=args.video,
-                     cache_dir=args.cache_dir, max_new_tokens=args.max_new_tokens, device=args.device)
+                     preset=args.preset, cache_dir=args.cache_dir, max_new_tokens=args.max_new_tokens,
+                     device=args.device)
+        elif args.command == "export":
+            _export(args)
+        elif args.command == "inspect":
+            from mindvl.inspection import inspect_artifacts
+
+            print(inspect_artifacts(args.artifacts, verify=args.verify))
+        elif args.command == "generate":
+            _generate(args)
         return 0
     except MindVLError as e:
         if args.debug:

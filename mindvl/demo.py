@@ -1,9 +1,9 @@
-"""`mindvl demo`: Qwen2-VL answers image and video prompts in graph mode and in pynative, with latencies.
+"""`mindvl demo`: export a Qwen2-VL folder at a bucket preset, answer image and video prompts through the
+runtime, and compare per-token latency with the same model run in pynative.
 
 Without `--model` it uses a tiny random Qwen2-VL written to the cache folder (no hub is reachable), so its
-answers are noise; what it shows is the whole path from a Hugging Face folder and real media files to tokens,
-and the per-token latency of each execution mode. With `--model`, `--prompt`, `--image`, `--video` it runs
-that one prompt on that checkpoint.
+answers are noise; what it shows is the whole path from a Hugging Face folder and real media files, through
+MindIR graphs, to tokens. With `--model`, `--prompt`, `--image`, `--video` it runs that prompt on that model.
 """
 
 from __future__ import annotations
@@ -36,46 +36,67 @@ def _default_prompts(folder: Path) -> list[tuple[str, dict]]:
     return [("Describe this image.", {"images": [image]}), ("What happens in this video?", {"videos": [video]})]
 
 
+def _artifacts(model_dir: Path, folder: Path, preset: str) -> Path:
+    """The demo's export of `model_dir`, made once and reused (the runtime re-checks its hashes)."""
+    from mindvl.export import export_artifacts
+    from mindvl.shapes.buckets import BucketSpec
+
+    out = folder / f"{model_dir.name}-{preset}-artifacts-{__version__}"
+    if not (out / "manifest.json").is_file():
+        print(f"exporting {model_dir} at bucket preset {preset!r} to {out} ...")
+        export_artifacts(model_dir, out, BucketSpec.preset(preset), force=True, log=lambda line: print("  " + line))
+    return out
+
+
 def run_demo(model_dir: str | Path | None = None, prompt: str | None = None, images: Sequence[str] = (),
-             videos: Sequence[str] = (), cache_dir: str | Path | None = None, max_new_tokens: int = 16,
-             device: str | None = None) -> None:
+             videos: Sequence[str] = (), preset: str = "tiny", cache_dir: str | Path | None = None,
+             max_new_tokens: int = 16, device: str | None = None) -> None:
     from mindvl.qwen2vl import load
+    from mindvl.runtime import Runtime
+    from mindvl.shapes.config import read_config
     from mindvl.shapes.processor import Processor
 
-    start = time.perf_counter()
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
-    if model_dir is None:
-        # Versioned: the fixture's bytes may change between releases, and a stale folder is refused.
-        model_dir = write_checkpoint(folder / f"tiny-qwen2-vl-{__version__}", "tiny")
+    tiny = model_dir is None
+    # Versioned: the fixture's bytes may change between releases, and a stale folder is refused.
+    model_dir = Path(write_checkpoint(folder / f"tiny-qwen2-vl-{__version__}", "tiny") if tiny else model_dir)
     if prompt is None and not images and not videos:
         prompts = _default_prompts(folder)
     else:
         prompts = [(prompt or "Describe this.", {"images": list(images), "videos": list(videos)})]
-    processor = Processor(model_dir)
-    # Media and prompts are checked before the (slow) model load, so bad input fails fast.
-    prepared = [(text, media, processor(text, **media)) for text, media in prompts]
-    model = load(model_dir, device=device)
-    print(f"Qwen2-VL from {model_dir} on {model.device}, {model.dtype}, loaded in {time.perf_counter() - start:.1f} s"
-          + ("; a tiny random model: its answers are random tokens" if len(prompts) == 2 and prompt is None else ""))
+    # Bad media or an unusable checkpoint fail here, before any export work.
+    read_config(model_dir)
+    for text, media in prompts:
+        Processor(model_dir).prepare(text, **media)
+
+    artifacts = _artifacts(model_dir, folder, preset)
+    start = time.perf_counter()
+    runtime = Runtime.load(artifacts, device=device)
+    print(f"runtime loaded {runtime.artifacts.folder} in {time.perf_counter() - start:.1f} s on {runtime.device}"
+          + ("; a tiny random model: its answers are random tokens" if tiny else ""))
+    model = None  # the pynative reference is loaded only once the runtime has accepted the inputs
 
     speedups = []
-    for text, media, inputs in prepared:
+    for text, media in prompts:
+        first = runtime.generate(text, max_new_tokens=max_new_tokens, **media)  # loads the graphs it needs
+        out = runtime.generate(text, max_new_tokens=max_new_tokens, **media)
         files = ", ".join(Path(f).name for f in [*media.get("images", []), *media.get("videos", [])])
-        grids = [f"{'×'.join(map(str, g))}" for key in ("image_grid_thw", "video_grid_thw") for g in inputs.get(key, [])]
-        print(f"\n{text!r} + {files or 'no media'} (grids t×h×w {', '.join(grids) or '-'}; "
-              f"{inputs['input_ids'].shape[1]} prompt tokens)")
-        model_inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
-        start = time.perf_counter()
-        model.generate(**model_inputs, max_new_tokens=max_new_tokens, mode="graph")
-        compile_s = time.perf_counter() - start
-        per_token = {}
-        for mode in ("graph", "pynative"):
-            gen = model.generate(**model_inputs, max_new_tokens=max_new_tokens, mode=mode)
-            per_token[mode] = median(gen.decode_ms) if gen.decode_ms else float("nan")
-            answer = processor.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
-            print(f"  {mode:<9} prefill {gen.prefill_ms:8.1f} ms   decode {per_token[mode]:8.2f} ms/token   "
-                  f"{len(gen.token_ids)} tokens: {answer!r}")
-        print(f"  (graph mode's first call, which compiles its graphs, took {compile_s:.1f} s)")
-        speedups.append(per_token["pynative"] / per_token["graph"])
+        print(f"\n{text!r} + {files or 'no media'}: {out.prompt_tokens} prompt tokens; graphs "
+              f"{', '.join(out.buckets['vision'] + [out.buckets['prefill'], out.buckets['decode']])}")
+        for line in out.buckets["inputs"]:
+            print(f"  input {line}")
+        print(f"  runtime   prefill {out.timings['prefill']:8.1f} ms   decode {out.timings['decode_per_token']:8.2f} "
+              f"ms/token   (first call, loading graphs: {first.timings['total'] / 1e3:.1f} s)")
+        print(f"            {len(out.token_ids)} tokens: {out.text!r}")
+
+        if model is None:
+            model = load(model_dir, dtype=runtime.artifacts.dtype, device=runtime.device)
+        inputs = runtime.processor.prepare(text, **media).model_inputs()
+        del inputs["attention_mask"]
+        eager = model.generate(**inputs, max_new_tokens=max_new_tokens, mode="pynative")
+        eager_ms = median(eager.decode_ms) if eager.decode_ms else float("nan")
+        same = "same tokens" if eager.token_ids == out.token_ids else "DIFFERENT tokens"
+        print(f"  pynative  prefill {eager.prefill_ms:8.1f} ms   decode {eager_ms:8.2f} ms/token   ({same})")
+        speedups.append(eager_ms / out.timings["decode_per_token"])
     spread = f"{min(speedups):.0f}×" if len(speedups) == 1 else f"{min(speedups):.0f}–{max(speedups):.0f}×"
-    print(f"\ngraph mode decodes {spread} faster per token than pynative here.")
+    print(f"\nthe exported graphs decode {spread} faster per token than pynative here.")

@@ -15,3 +15,15 @@ class MediaError(MindVLError):
 
 class UnsupportedError(MindVLError):
     """A request the backend or the model cannot serve (architecture, dtype on this device)."""
+
+
+class ArtifactError(MindVLError):
+    """An artifact folder is incomplete, tampered with, or made by an incompatible version."""
+
+
+class ExportError(MindVLError):
+    """An export cannot start or finish (target folder in use, bucket spec unusable)."""
+
+
+class RequestError(MindVLError):
+    """A generation request asks for something impossible (sampling settings, token counts)."""

@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from mindvl.errors import CheckpointError
-from mindvl.qwen2vl.config import ARCHITECTURES, hub_config
+from mindvl.shapes.config import ARCHITECTURES, hub_config
 
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",

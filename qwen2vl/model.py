@@ -16,26 +16,19 @@ import numpy as np
 from mindspore import Tensor
 from mindspore import dtype as mstype
 
+from mindvl.device import refuse_bfloat16_on_cpu, select_device
 from mindvl.errors import UnsupportedError
-from mindvl.qwen2vl.config import ModelConfig, read_config
-from mindvl.qwen2vl.text import KVCache, TextStep
+from mindvl.shapes.config import ModelConfig, read_config
+from mindvl.qwen2vl.text import TextStep
 from mindvl.qwen2vl.vision import VisionEncoder
 from mindvl.qwen2vl.weights import load_weights, text_weight_names, vision_weight_names
+from mindvl.shapes.graphs import kv_cache_specs
 from mindvl.shapes.rope_index import rope_index
 from mindvl.shapes.text_inputs import attention_mask, place_visual
 from mindvl.shapes.vision_inputs import block_mask, frame_lengths, vision_rotary
 
 DTYPES = {"float32": mstype.float32, "float16": mstype.float16, "bfloat16": mstype.bfloat16}
 MODES = ("graph", "pynative")
-
-
-def select_device(device: str | None = None) -> str:
-    """The requested device, else Ascend when this MindSpore build sees one, else CPU."""
-    if device is not None:
-        if device not in ("CPU", "Ascend"):
-            raise UnsupportedError(f"device {device!r} is not supported; use 'CPU' or 'Ascend'")
-        return device
-    return "Ascend" if ms.hal.is_available("Ascend") else "CPU"
 
 
 @dataclass
@@ -67,22 +60,22 @@ class Qwen2VL:
         self.text_weights = tuple(device_tensor(n) for n in text_weight_names(cfg))
         self.vision = VisionEncoder(cfg.vision)
         self._graphs: dict[int, Callable] = {}
-        self._steps: dict[tuple[int, int, int], tuple[TextStep, TextStep]] = {}
+        self._steps: dict[tuple[int, int], tuple[TextStep, tuple[Tensor, ...]]] = {}
 
-    def text_steps(self, batch: int, seq_len: int, capacity: int) -> tuple[TextStep, TextStep]:
-        """(prefill, decode) cells over one shared cache, made once per shape and kept, like a bucket."""
-        key = (batch, seq_len, capacity)
+    def text_step(self, batch: int, capacity: int) -> tuple[TextStep, tuple[Tensor, ...]]:
+        """The decoder cell for one (batch, cache capacity) and its KV cache, made once and kept, like a bucket;
+        prefill and decode are the same cell called with different sequence lengths."""
+        key = (batch, capacity)
         if key not in self._steps:
-            cache = KVCache(self.cfg.text, batch, capacity, DTYPES[self.dtype])
-            self._steps[key] = (TextStep(self.cfg.text, cache, seq_len), TextStep(self.cfg.text, cache, 1))
+            caches = tuple(self._tensor(np.zeros(c.shape, self.np_dtype))
+                           for c in kv_cache_specs(self.cfg, batch, capacity, self.dtype))
+            self._steps[key] = (TextStep(self.cfg.text, batch, capacity), caches)
         return self._steps[key]
 
     def _run(self, cell: ms.nn.Cell, mode: str, *args: Tensor) -> np.ndarray:
         if mode not in MODES:
             raise UnsupportedError(f"mode {mode!r} is not supported; use 'graph' or 'pynative'")
-        if self.dtype == "bfloat16" and self.device == "CPU":
-            raise UnsupportedError("bfloat16 has no MindSpore CPU kernels (MatMul, Softmax); run it on Ascend, "
-                                   "or use dtype='float32' or 'float16' on CPU")
+        refuse_bfloat16_on_cpu(self.dtype, self.device)
         fn = cell
         if mode == "graph":
             # Cells live as long as the model (kept in self.vision / self._steps), so id() is stable.
@@ -117,11 +110,12 @@ class Qwen2VL:
                           vision_start_token_id=c.vision_start_token_id,
                           spatial_merge_size=c.vision.spatial_merge_size)
 
-    def _step(self, cell: TextStep, embeds: np.ndarray, position_ids: np.ndarray, slots: np.ndarray,
-              key_valid: np.ndarray, logits_index: np.ndarray, mode: str) -> np.ndarray:
+    def _step(self, step: tuple[TextStep, tuple[Tensor, ...]], embeds: np.ndarray, position_ids: np.ndarray,
+              slots: np.ndarray, key_valid: np.ndarray, logits_index: np.ndarray, mode: str) -> np.ndarray:
+        cell, caches = step
         args = (self._tensor(embeds), Tensor(position_ids.astype(np.int32)), Tensor(slots.astype(np.int32)),
                 self._tensor(attention_mask(key_valid, slots, self.np_dtype)), Tensor(logits_index.astype(np.int32)))
-        return self._run(cell, mode, *args, *self.text_weights)
+        return self._run(cell, mode, *args, *caches, *self.text_weights)
 
     def logits(self, input_ids: np.ndarray, pixel_values: np.ndarray | None = None,
                image_grid_thw: np.ndarray | None = None, pixel_values_videos: np.ndarray | None = None,
@@ -133,7 +127,7 @@ class Qwen2VL:
         valid = np.ones((b, s), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
         embeds = self.embed_prompt(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, mode)
         position_ids, _ = self.position_ids(input_ids, image_grid_thw, video_grid_thw, attention_mask)
-        step, _ = self.text_steps(b, s, s)
+        step = self.text_step(b, s)
         slots = np.broadcast_to(np.arange(s), (b, s))
         return self._step(step, embeds, position_ids, slots, valid, slots, mode)
 
@@ -146,14 +140,14 @@ class Qwen2VL:
         s = input_ids.shape[1]
         stop_ids = (self.cfg.eos_token_id,) if stop_ids is None else stop_ids
         capacity = s + max_new_tokens
-        prefill, decode = self.text_steps(1, s, capacity)
+        step = self.text_step(1, capacity)
         key_valid = np.zeros((1, capacity), bool)
         key_valid[:, :s] = True
 
         start = time.perf_counter()
         embeds = self.embed_prompt(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, mode)
         position_ids, rope_deltas = self.position_ids(input_ids, image_grid_thw, video_grid_thw)
-        logits = self._step(prefill, embeds, position_ids, np.arange(s)[None], key_valid, np.array([[s - 1]]), mode)
+        logits = self._step(step, embeds, position_ids, np.arange(s)[None], key_valid, np.array([[s - 1]]), mode)
         out = Generation(token_ids=[], prefill_ms=(time.perf_counter() - start) * 1e3)
         for slot in range(s, capacity):
             row = logits[0, -1]
@@ -166,7 +160,7 @@ class Qwen2VL:
             start = time.perf_counter()
             key_valid[:, slot] = True
             pos = np.full((3, 1, 1), slot, np.int64) + rope_deltas.reshape(1, 1, 1)
-            logits = self._step(decode, self.embed[[[token]]], pos, np.array([[slot]]), key_valid,
+            logits = self._step(step, self.embed[[[token]]], pos, np.array([[slot]]), key_valid,
                                 np.zeros((1, 1)), mode)
             out.decode_ms.append((time.perf_counter() - start) * 1e3)
         return out

@@ -3,18 +3,19 @@
     embeds [B, S, H] ──▶ layers × (RMSNorm → GQA attention with M-RoPE over the cache → RMSNorm → SwiGLU)
         ──gather rows `logits_index`──▶ RMSNorm ──▶ lm_head ──▶ logits [B, K, vocab] (float32)
 
-The cache is allocated once at its full capacity and written by slot; the host owns how much of it is
-filled and says so through `cache_positions` (slots written by this call) and the additive `mask`.
-Prefill (S = bucket length) and decode (S = 1) are two instances sharing one `KVCache`.
+The cache is allocated once at its full capacity (`shapes.graphs.kv_cache_specs`) and passed in as inputs,
+which the graph updates in place by slot, so prefill (S = bucket length) and decode (S = 1) graphs share it
+without copies and an exported graph holds none of it. The host owns how much of it is filled and says so
+through `cache_positions` (slots written by this call) and the additive `mask`.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore import Tensor, nn, ops
 from mindspore import dtype as mstype
 
-from mindvl.qwen2vl.config import TextConfig
+from mindvl.shapes.config import TextConfig
 from mindvl.qwen2vl.layers import apply_rotary, linear, rms_norm, silu, softmax_f32
 
 WEIGHTS_PER_LAYER = 12
@@ -37,50 +38,31 @@ def mrope_table(cfg: TextConfig) -> np.ndarray:
     return table
 
 
-class KVCache(nn.Cell):
-    """Keys and values of every layer, [B*kv_heads*capacity, head_dim] each, so one scatter writes a step."""
-
-    def __init__(self, cfg: TextConfig, batch: int, capacity: int, dtype: mstype.Type) -> None:
-        super().__init__()
-        self.batch, self.capacity = batch, capacity
-        shape = (batch * cfg.num_key_value_heads * capacity, cfg.head_dim)
-
-        def zeros(kind: str) -> ParameterTuple:
-            return ParameterTuple(
-                Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=f"cache_{kind}_{i}", requires_grad=False)
-                for i in range(cfg.num_hidden_layers))
-
-        self.keys, self.values = zeros("k"), zeros("v")
-
-    def reset(self) -> None:
-        for p in tuple(self.keys) + tuple(self.values):
-            p.set_data(ops.zeros_like(p))
-
-
 class TextStep(nn.Cell):
-    """construct(embeds, position_ids, cache_positions, mask, logits_index, *weights) → logits.
+    """construct(embeds, position_ids, cache_positions, mask, logits_index, *caches_then_weights) → logits.
 
     embeds [B, S, H]; position_ids [3, B, S] int32 (M-RoPE); cache_positions [B, S] int32 (slot each token is
-    written to); mask [B, S, C] additive; logits_index [B, K] int32 (rows whose logits are returned);
-    weights in `text_weight_names` order.
+    written to); mask [B, S, C] additive; logits_index [B, K] int32 (rows whose logits are returned); then
+    the keys of every layer, the values of every layer ([B*kv_heads*C, head_dim] each, updated in place),
+    then the weights in `text_weight_names` order.
     """
 
-    def __init__(self, cfg: TextConfig, cache: KVCache, seq_len: int) -> None:
+    def __init__(self, cfg: TextConfig, batch: int, capacity: int) -> None:
         super().__init__()
-        self.cfg, self.cache, self.seq_len = cfg, cache, seq_len
+        self.cfg = cfg
         self.scale = cfg.head_dim**-0.5
         self.rope = Tensor(mrope_table(cfg))
-        kvh, cap = cfg.num_key_value_heads, cache.capacity
+        kvh = cfg.num_key_value_heads
         # First row of each (batch, kv head) block in the flattened cache.
-        self.row_base = Tensor((np.arange(cache.batch * kvh, dtype=np.int32) * cap).reshape(cache.batch, kvh, 1))
+        self.row_base = Tensor((np.arange(batch * kvh, dtype=np.int32) * capacity).reshape(batch, kvh, 1))
 
     def rotary(self, position_ids: Tensor, dtype: mstype.Type) -> tuple[Tensor, Tensor]:
         pos = position_ids.astype(mstype.float32).transpose(1, 2, 0)
         angle = ops.matmul(pos, self.rope)
         return ops.cos(angle).astype(dtype), ops.sin(angle).astype(dtype)
 
-    def attention(self, layer: int, x: Tensor, w: tuple, cos: Tensor, sin: Tensor, rows: Tensor,
-                  mask: Tensor) -> Tensor:
+    def attention(self, x: Tensor, w: tuple, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor,
+                  rows: Tensor, mask: Tensor) -> Tensor:
         cfg = self.cfg
         b, s = x.shape[0], x.shape[1]
         kvh, groups, d = cfg.num_key_value_heads, cfg.kv_groups, cfg.head_dim
@@ -88,8 +70,8 @@ class TextStep(nn.Cell):
         q = apply_rotary(linear(x, w[0], w[1]).reshape(b, s, -1, d), cos, sin)
         k = apply_rotary(linear(x, w[2], w[3]).reshape(b, s, kvh, d), cos, sin)
         v = linear(x, w[4], w[5]).reshape(b, s, kvh, d)
-        keys = ops.scatter_update(self.cache.keys[layer], rows, k.transpose(0, 2, 1, 3))
-        values = ops.scatter_update(self.cache.values[layer], rows, v.transpose(0, 2, 1, 3))
+        keys = ops.scatter_update(cache_k, rows, k.transpose(0, 2, 1, 3))
+        values = ops.scatter_update(cache_v, rows, v.transpose(0, 2, 1, 3))
         keys = keys.reshape(b, kvh, -1, d)
         values = values.reshape(b, kvh, -1, d)
         # Query heads of one kv head are stacked along the rows, so GQA needs no copy of the cache.
@@ -100,18 +82,21 @@ class TextStep(nn.Cell):
         return linear(out, w[6])
 
     def construct(self, embeds: Tensor, position_ids: Tensor, cache_positions: Tensor, mask: Tensor,
-                  logits_index: Tensor, *weights: Tensor) -> Tensor:
+                  logits_index: Tensor, *tensors: Tensor) -> Tensor:
         cfg = self.cfg
+        layers = cfg.num_hidden_layers
+        keys, values, weights = tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:]
         b, s = embeds.shape[0], embeds.shape[1]
         cos, sin = self.rotary(position_ids, embeds.dtype)
         rows = self.row_base + cache_positions.reshape(b, 1, s)
         x = embeds
-        for i in range(cfg.num_hidden_layers):
+        for i in range(layers):
             w = weights[i * WEIGHTS_PER_LAYER: (i + 1) * WEIGHTS_PER_LAYER]
-            x = x + self.attention(i, rms_norm(x, w[0], cfg.rms_norm_eps), w[1:8], cos, sin, rows, mask)
+            h = rms_norm(x, w[0], cfg.rms_norm_eps)
+            x = x + self.attention(h, w[1:8], keys[i], values[i], cos, sin, rows, mask)
             h = rms_norm(x, w[8], cfg.rms_norm_eps)
             x = x + linear(silu(linear(h, w[9])) * linear(h, w[10]), w[11])
         k = logits_index.shape[1]
         x = ops.gather_elements(x, 1, logits_index.reshape(b, k, 1).broadcast_to((b, k, cfg.hidden_size)))
-        norm_w, lm_head = weights[cfg.num_hidden_layers * WEIGHTS_PER_LAYER:]
+        norm_w, lm_head = weights[layers * WEIGHTS_PER_LAYER:]
         return linear(rms_norm(x, norm_w, cfg.rms_norm_eps), lm_head).astype(mstype.float32)

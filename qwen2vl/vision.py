@@ -12,7 +12,7 @@ from __future__ import annotations
 from mindspore import Tensor, nn, ops
 from mindspore import dtype as mstype
 
-from mindvl.qwen2vl.config import VisionConfig
+from mindvl.shapes.config import VisionConfig
 from mindvl.qwen2vl.layers import apply_rotary, layer_norm, linear, quick_gelu, softmax_f32
 
 WEIGHTS_PER_BLOCK = 12

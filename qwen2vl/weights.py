@@ -1,20 +1,16 @@
-"""Checkpoint loading: HF safetensors (single or sharded) → numpy arrays under our cell names.
-
-The safetensors header is parsed here rather than through `safetensors.numpy` because the published
-Qwen2-VL checkpoints are bfloat16, which numpy cannot represent: bf16 is widened to float32 bit-exactly.
-"""
+"""Checkpoint loading: HF safetensors (single or sharded) → numpy arrays under our cell names."""
 
 from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
 
 from mindvl.errors import CheckpointError
-from mindvl.qwen2vl.config import ModelConfig
+from mindvl.tensorfile import read_safetensors
+from mindvl.shapes.config import ModelConfig
 
 _RULES = (
     (re.compile(r"^(?:model\.)?visual\.patch_embed\.proj\.weight$"), "vision.patch_embed.weight"),
@@ -82,39 +78,6 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All float tensors of one file, memory-mapped; bf16 is returned widened to float32."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(header_len))
-    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-download it") from None
-    header.pop("__metadata__", None)
-    data_start = 8 + header_len
-    out: dict[str, np.ndarray] = {}
-    raw = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
-    for name, info in header.items():
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            continue
-        begin, end = (data_start + o for o in info["data_offsets"])
-        count = int(np.prod(info["shape"], dtype=np.int64))
-        if end > size or end - begin != count * np.dtype(dtype).itemsize:
-            raise CheckpointError(f"{path} is truncated or corrupt at tensor {name}; re-download it")
-        arr = raw[begin:end].view(dtype).reshape(info["shape"])
-        if info["dtype"] == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        out[name] = arr
-    return out
-
-
 def checkpoint_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -140,7 +103,7 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig) -> dict[str, np.ndarra
     wanted = expected_shapes(cfg)
     found: dict[str, np.ndarray] = {}
     for path in checkpoint_files(model_dir):
-        for hf_name, arr in read_safetensors(path).items():
+        for hf_name, arr in read_safetensors(path, CheckpointError, "re-download it").items():
             name = cell_name(hf_name)
             if name not in wanted:
                 continue

@@ -1,60 +1,125 @@
 """One user turn → the model's inputs, as transformers' Qwen2VLProcessor returns them (numpy, batch 1).
 
 Images, then videos, come before the text in the same user turn, and the model folder's own chat template
-is applied with the generation prompt.
+is applied with the generation prompt. Without buckets every image keeps the size the model's processor gives
+it; with a bucket spec (the runtime's case) each image and video is resized to the bucket `shapes.buckets`
+chooses, and the choice is reported.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
 from mindvl.errors import MediaError
-from mindvl.shapes.image import ProcessorConfig, load_image, preprocess_images
+from mindvl.shapes.buckets import BucketSpec, ImageChoice, VideoChoice, choose_image_bucket, choose_video_bucket
+from mindvl.shapes.image import ProcessorConfig, load_image, prepare_frame, preprocess_images, to_patches
 from mindvl.shapes.prompt import Tokenizer, build_prompt, expand_vision_pads
-from mindvl.shapes.video import load_video, preprocess_video
+from mindvl.shapes.video import load_video, preprocess_video, read_video
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 VideoInput = Union[str, Path, np.ndarray]
 
 
+@dataclass(frozen=True)
+class Visual:
+    """One image or video, patchified: what one vision graph call consumes."""
+
+    kind: str  # "image" | "video"
+    pixels: np.ndarray  # [t*h*w, C*T*P*P] float32
+    grid: np.ndarray  # [3] int64: t, h, w in patches
+    choice: Optional[Union[ImageChoice, VideoChoice]]  # the bucket taken, when bucketed
+
+
+@dataclass(frozen=True)
+class Prepared:
+    input_ids: np.ndarray  # [1, S] int64
+    visuals: tuple[Visual, ...]  # images first, then videos, in prompt order
+
+    def grid_thw(self, kind: str) -> Optional[np.ndarray]:
+        """[n, 3] grids of the images (kind "image") or videos ("video"), None when there are none."""
+        grids = [v.grid for v in self.visuals if v.kind == kind]
+        return np.stack(grids) if grids else None
+
+    def model_inputs(self) -> dict[str, np.ndarray]:
+        """input_ids and attention_mask, plus pixel_values/image_grid_thw and pixel_values_videos/video_grid_thw."""
+        out = {"input_ids": self.input_ids, "attention_mask": np.ones_like(self.input_ids)}
+        for kind, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
+                                   ("video", "pixel_values_videos", "video_grid_thw")):
+            if self.grid_thw(kind) is not None:
+                out[pixels] = np.concatenate([v.pixels for v in self.visuals if v.kind == kind])
+                out[grid] = self.grid_thw(kind)
+        return out
+
+
+def _named(item: object, load: Callable[[], tuple]) -> tuple:
+    """Run `load`, making sure a media error names the file it is about."""
+    try:
+        return load()
+    except MediaError as e:
+        if not isinstance(item, (str, Path)) or str(item) in str(e):
+            raise
+        raise MediaError(f"{item}: {e}") from None
+
+
 class Processor:
-    def __init__(self, model_dir: Union[str, Path]) -> None:
-        self.model_dir = Path(model_dir)
-        self.config = ProcessorConfig.from_dir(self.model_dir)
-        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+    def __init__(self, folder: Union[str, Path], buckets: Optional[BucketSpec] = None) -> None:
+        """`folder` holds the tokenizer and preprocessor files (a model folder, or an artifact's tokenizer/)."""
+        self.folder = Path(folder)
+        self.config = ProcessorConfig.from_dir(self.folder)
+        self.tokenizer = Tokenizer.from_dir(self.folder)
+        self.buckets = buckets
 
     def __call__(self, text: str, images: Sequence[ImageInput] = (),
                  videos: Sequence[VideoInput] = ()) -> dict[str, np.ndarray]:
-        """input_ids and attention_mask [1, S], plus pixel_values/image_grid_thw and
-        pixel_values_videos/video_grid_thw when there are images or videos."""
-        out: dict[str, np.ndarray] = {}
-        image_grid = video_grid = None
-        if images:
-            pictures = [self._media(i, lambda p: preprocess_images([load_image(p)], self.config),
-                                    lambda a: preprocess_images([a], self.config)) for i in images]
-            image_grid = np.concatenate([grid for _, grid in pictures])
-            out.update(pixel_values=np.concatenate([p for p, _ in pictures]), image_grid_thw=image_grid)
-        if videos:
-            clips = [self._media(v, lambda p: preprocess_video(load_video(p), self.config),
-                                 lambda a: preprocess_video(a, self.config)) for v in videos]
-            video_grid = np.concatenate([grid for _, grid in clips])
-            out.update(pixel_values_videos=np.concatenate([p for p, _ in clips]), video_grid_thw=video_grid)
-        prompt = build_prompt(self.model_dir, text, len(images), len(videos))
-        prompt = expand_vision_pads(prompt, image_grid, video_grid, self.config.merge_size)
-        input_ids = self.tokenizer.encode(prompt)[None]
-        return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids), **out}
+        return self.prepare(text, images, videos).model_inputs()
 
-    @staticmethod
-    def _media(item, from_path: Callable, from_data: Callable) -> tuple[np.ndarray, np.ndarray]:
-        if not isinstance(item, (str, Path)):
-            return from_data(item)
-        try:
-            return from_path(item)
-        except MediaError as e:
-            if str(item) in str(e):
-                raise
-            raise MediaError(f"{item}: {e}") from None
+    def prepare(self, text: str, images: Sequence[ImageInput] = (), videos: Sequence[VideoInput] = ()) -> Prepared:
+        visuals = [_named(i, lambda i=i: self._image(i)) for i in images]
+        visuals += [_named(v, lambda v=v: self._video(v)) for v in videos]
+        pads = Prepared(np.zeros((1, 0), np.int64), tuple(visuals))
+        prompt = build_prompt(self.folder, text, len(images), len(videos))
+        prompt = expand_vision_pads(prompt, pads.grid_thw("image"), pads.grid_thw("video"), self.config.merge_size)
+        return Prepared(self.tokenizer.encode(prompt)[None], tuple(visuals))
+
+    def _fit_args(self) -> dict[str, int]:
+        c = self.config
+        return {"factor": c.factor, "min_pixels": c.min_pixels, "max_pixels": c.max_pixels}
+
+    def _image(self, image: ImageInput) -> Visual:
+        if isinstance(image, (str, Path)):
+            image = load_image(image)
+        if self.buckets is None:
+            pixels, grid = preprocess_images([image], self.config)
+            return Visual("image", pixels, grid[0], None)
+        frame = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+        choice = choose_image_bucket(frame.shape[0], frame.shape[1], self.buckets.images, **self._fit_args())
+        pixels, grid = to_patches(prepare_frame(frame, choice.bucket.height, choice.bucket.width, self.config)[None],
+                                  self.config)
+        return Visual("image", pixels, np.array(grid, np.int64), choice)
+
+    def _video(self, video: VideoInput) -> Visual:
+        if self.buckets is None:
+            frames = load_video(video) if isinstance(video, (str, Path)) else video
+            pixels, grid = preprocess_video(frames, self.config)
+            return Visual("video", pixels, grid[0], None)
+        chosen: list[VideoChoice] = []
+
+        def pick(total: int, native_fps: float, height: int, width: int) -> np.ndarray:
+            # Frames without a rate (arrays, some containers) are taken as already sampled at 2 fps.
+            chosen.append(choose_video_bucket(total, native_fps or 2.0, height, width, self.buckets.videos,
+                                              **self._fit_args()))
+            return chosen[-1].frame_indices
+
+        if isinstance(video, (str, Path)):
+            frames = read_video(video, pick)
+        else:
+            frames = np.asarray(video)[pick(len(video), 0.0, video.shape[1], video.shape[2])]
+        bucket = chosen[-1].bucket
+        prepared = np.stack([prepare_frame(f, bucket.height, bucket.width, self.config) for f in frames])
+        pixels, grid = to_patches(prepared, self.config)
+        return Visual("video", pixels, np.array(grid, np.int64), chosen[-1])

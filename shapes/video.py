@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 import av
 import numpy as np
@@ -25,23 +25,32 @@ from mindvl.shapes.image import ProcessorConfig, one_line, prepare_frame, requir
 
 def load_video(path: Union[str, Path], *, fps: float = 2.0, min_frames: int = 4, max_frames: int = 768) -> np.ndarray:
     """Decode `fps` frames per second of video, uniformly spread, as uint8 RGB [T, H, W, 3]; see
-    `sample_frame_indices` for the rule. T is even and at least 2.
+    `sample_frame_indices` for the rule. T is even and at least 2."""
+
+    def pick(total: int, native_fps: float, height: int, width: int) -> np.ndarray:
+        # No rate in the header: take the frames as already at the requested rate.
+        return sample_frame_indices(total, native_fps or fps, fps=fps, min_frames=min_frames, max_frames=max_frames)
+
+    return read_video(path, pick)
+
+
+def read_video(path: Union[str, Path], pick: Callable[[int, float, int, int], np.ndarray]) -> np.ndarray:
+    """The frames `pick(total_frames, native_fps, height, width)` selects, as uint8 RGB [T, H, W, 3].
 
     The frame count comes from the container header; when the header has none, or promises frames that do not
-    decode, the decodable frames are counted and the sampling is redone over them.
+    decode, the decodable frames are counted and `pick` is asked again with the true count. `pick` may raise
+    (say, when no bucket fits the clip): its error reaches the caller unchanged.
     """
     path = Path(path)
     require_file(path, "video")
-    total, native_fps = _probe(path)
-    native_fps = native_fps or fps  # no rate in the header: take the frames as already at the requested rate
+    total, native_fps, height, width = _probe(path)
     if total == 0:
         total = _count_frames(path)
-    indices = sample_frame_indices(total, native_fps, fps=fps, min_frames=min_frames, max_frames=max_frames)
+    indices = pick(total, native_fps, height, width)
     wanted = set(indices.tolist())
     frames = _decode(path, wanted)
     if len(frames) < len(wanted):  # the header promised frames that do not decode
-        total = _count_frames(path)
-        indices = sample_frame_indices(total, native_fps, fps=fps, min_frames=min_frames, max_frames=max_frames)
+        indices = pick(_count_frames(path), native_fps, height, width)
         frames = _decode(path, set(indices.tolist()))
     return np.stack([frames[i] for i in indices])
 
@@ -83,12 +92,12 @@ def preprocess_video(frames: np.ndarray, cfg: ProcessorConfig) -> tuple[np.ndarr
     return patches, np.array([grid], dtype=np.int64)
 
 
-def _probe(path: Path) -> tuple[int, float]:
-    """(frame count, frames per second) from the header; 0 for what the header does not say."""
+def _probe(path: Path) -> tuple[int, float, int, int]:
+    """(frame count, frames per second, height, width) from the header; 0 for what the header does not say."""
     with _open(path) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
-        return stream.frames, float(rate) if rate else 0.0
+        return stream.frames, float(rate) if rate else 0.0, stream.codec_context.height, stream.codec_context.width
 
 
 def _count_frames(path: Path) -> int:

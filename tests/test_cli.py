@@ -23,8 +23,9 @@ def test_demo_runs_end_to_end(tmp_path):
     run = subprocess.run([sys.executable, "-m", "mindvl.cli", "demo", "--cache-dir", str(tmp_path),
                           "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.count("graph     prefill") == 2 and run.stdout.count("pynative  prefill") == 2
-    assert "faster per token than pynative" in run.stdout
+    assert run.stdout.count("runtime   prefill") == 2 and run.stdout.count("pynative  prefill") == 2
+    assert run.stdout.count("(same tokens)") == 2, run.stdout
+    assert "exported 13 graphs" in run.stdout and "faster per token than pynative" in run.stdout
     assert (tmp_path / "demo.png").is_file() and (tmp_path / "demo.mp4").is_file()
 
 

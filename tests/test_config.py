@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mindvl.errors import CheckpointError, UnsupportedError
-from mindvl.qwen2vl.config import PRESETS, ModelConfig, read_config
+from mindvl.shapes.config import PRESETS, ModelConfig, read_config
 
 
 def nested_layout(hub: dict) -> dict:

@@ -2,6 +2,8 @@
 
 The hub layout (Qwen2-VL-2B/7B/72B-Instruct as published) keeps the text settings at the top level with
 `rope_scaling.mrope_section`; newer transformers write them under `text_config` with `rope_parameters`.
+It lives in shapes/ because graph shapes derive from it and the runtime, which never imports the model
+code, reads it back from the manifest.
 """
 
 from __future__ import annotations

@@ -1,0 +1,125 @@
+"""`mindvl export`: one MindIR graph per bucket, one copy of the weights, the tokenizer files, a manifest.
+
+Graphs take their weights (and the KV cache) as inputs, so every .mindir holds only the computation and the
+weights exist once on disk (weights.safetensors) and once in the runtime's memory. The folder is assembled
+under a hidden temporary name and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import mindspore as ms
+import numpy as np
+
+from mindvl import __version__
+from mindvl.errors import ExportError
+from mindvl.qwen2vl.text import TextStep
+from mindvl.qwen2vl.vision import VisionEncoder
+from mindvl.qwen2vl.weights import load_weights, text_weight_names, vision_weight_names
+from mindvl.shapes.buckets import BucketSpec
+from mindvl.shapes.config import ModelConfig, read_config
+from mindvl.shapes.graphs import GraphSpec, TensorSpec, all_graphs
+from mindvl.shapes.manifest import Manifest, file_sha256
+from mindvl.tensorfile import write_safetensors
+
+MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16, "int32": ms.int32}
+# Files of the model folder the runtime's preprocessing and detokenisation read.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "chat_template.jinja",
+                   "generation_config.json", "preprocessor_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt")
+REQUIRED_FILES = ("tokenizer.json", "preprocessor_config.json")
+
+
+def _placeholder(spec: TensorSpec) -> ms.Tensor:
+    """A zero tensor of the spec's shape and dtype: export only needs shapes and dtypes."""
+    host = np.int32 if spec.dtype == "int32" else np.float16 if spec.dtype == "float16" else np.float32
+    return ms.Tensor(np.zeros(spec.shape, host), MS_DTYPES[spec.dtype])
+
+
+def _export_graph(cfg: ModelConfig, graph: GraphSpec, weights: dict[str, tuple[ms.Tensor, ...]], folder: Path) -> None:
+    if graph.weights == "vision":
+        cell = VisionEncoder(cfg.vision)
+    else:
+        cell = TextStep(cfg.text, graph.bucket["batch"], graph.bucket["cache"])
+    inputs = [_placeholder(t) for t in graph.inputs + graph.caches]
+    ms.export(cell, *inputs, *weights[graph.weights], file_name=str(folder / graph.file.removesuffix(".mindir")),
+              file_format="MINDIR")
+
+
+def _prepare_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file, not a folder: choose another -o folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out} is not empty: pass --force to replace it, or choose another -o folder")
+
+
+def _place(tmp: Path, out: Path) -> None:
+    """Swap the finished folder into place; a replaced export is removed only after the swap."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old)
+
+
+def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: BucketSpec, dtype: str | None = None,
+                     force: bool = False, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Manifest:
+    """Export every graph `buckets` calls for; returns the manifest written into `out_dir`."""
+    model_dir, out = Path(model_dir), Path(out_dir)
+    dtype = dtype or buckets.dtype
+    _prepare_target(out, force)
+    for name in REQUIRED_FILES:
+        if not (model_dir / name).is_file():
+            raise ExportError(f"{model_dir / name} is missing: the runtime needs it for preprocessing; copy it from "
+                              f"the original checkpoint")
+    cfg = read_config(model_dir)
+    start = time.perf_counter()
+    arrays = load_weights(model_dir, cfg)
+    groups = {"vision": vision_weight_names(cfg), "text": text_weight_names(cfg)}
+    aliases = {"text.lm_head.weight": "text.embed.weight"} if cfg.text.tie_word_embeddings else {}
+    host = np.float16 if dtype == "float16" else np.float32
+    tensors = {name: ms.Tensor(np.asarray(arrays[name], dtype=host), MS_DTYPES[dtype])
+               for group in groups.values() for name in group}
+    weights = {group: tuple(tensors[n] for n in names) for group, names in groups.items()}
+    log(f"loaded {len(arrays)} tensors from {model_dir} in {time.perf_counter() - start:.1f} s")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "graphs").mkdir(parents=True)
+        (tmp / "tokenizer").mkdir()
+        stored = {n: a for n, a in arrays.items() if n not in aliases}
+        write_safetensors(tmp / "weights.safetensors", stored, dtype)
+        del arrays, stored
+        graphs = all_graphs(cfg, buckets, dtype)
+        for i, graph in enumerate(graphs, 1):
+            begin = time.perf_counter()
+            _export_graph(cfg, graph, weights, tmp)
+            log(f"[{i:>3}/{len(graphs)}] {graph.name:<28} {time.perf_counter() - begin:6.2f} s "
+                f"{(tmp / graph.file).stat().st_size / 1024:8.1f} KB")
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / "tokenizer" / name)
+        files = {str(p.relative_to(tmp)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = Manifest(
+            mindvl_version=__version__, mindspore_version=ms.__version__, model=cfg.to_dict(), dtype=dtype,
+            buckets={**buckets.to_dict(), "dtype": dtype}, graphs=tuple(graphs),
+            weights={"file": "weights.safetensors", "groups": groups, "aliases": aliases, "embed": "text.embed.weight"},
+            files=files)
+        manifest.write(tmp)
+        _place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"exported {len(graphs)} graphs to {out} in {time.perf_counter() - start:.1f} s")
+    return manifest

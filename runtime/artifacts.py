@@ -1,0 +1,113 @@
+"""An exported artifact folder, checked and loaded: weights held once, graphs compiled on first use.
+
+Checks at load: the manifest's format version, the MindSpore major version, the size and sha256 of the
+weights and tokenizer files; each graph file's sha256 when it is first loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn
+
+from mindvl.errors import ArtifactError
+from mindvl.shapes.graphs import GraphSpec, kv_cache_specs
+from mindvl.shapes.manifest import MANIFEST, Manifest
+from mindvl.tensorfile import read_safetensors
+
+MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16, "int32": ms.int32}
+
+
+def host_dtype(dtype: str) -> type:
+    """The numpy type tensors of `dtype` are built from (bfloat16: float32, converted by MindSpore)."""
+    return {"float16": np.float16, "int32": np.int32}.get(dtype, np.float32)
+
+
+def to_tensor(a: np.ndarray, dtype: str) -> ms.Tensor:
+    a = np.ascontiguousarray(a, dtype=host_dtype(dtype))
+    # from_numpy shares the array's memory instead of copying it.
+    return ms.Tensor.from_numpy(a) if dtype != "bfloat16" else ms.Tensor(a, ms.bfloat16)
+
+
+def _major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+class Artifacts:
+    def __init__(self, folder: str | Path, verify: bool = True) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ArtifactError(f"{self.folder} is not a folder; pass the folder `mindvl export -o` wrote")
+        self.manifest = Manifest.read(self.folder)
+        made_with = self.manifest.mindspore_version
+        if _major(made_with) != _major(ms.__version__):
+            raise ArtifactError(f"{self.folder} was exported with MindSpore {made_with}; this is MindSpore "
+                                f"{ms.__version__}: re-export with this MindSpore")
+        self.config = self.manifest.config
+        self.dtype = self.manifest.dtype
+        start = time.perf_counter()
+        for relative in self.manifest.files:
+            if relative.startswith("tokenizer/") or (verify and relative == self.manifest.weights["file"]):
+                self.manifest.check_file(self.folder, relative)
+        self.verify_seconds = time.perf_counter() - start
+        self._load_weights()
+        self._graphs: dict[str, nn.GraphCell] = {}
+        self.graph_load_ms = 0.0  # time spent loading graphs so far, all of it on first use
+        self._caches: dict[tuple[int, int], tuple[ms.Tensor, ...]] = {}
+
+    def _load_weights(self) -> None:
+        w = self.manifest.weights
+        path = self.folder / w["file"]
+        if not path.is_file():
+            raise ArtifactError(f"{w['file']} is missing from {self.folder}: the artifact folder is incomplete; "
+                                f"re-export it")
+        stored = read_safetensors(path, ArtifactError, "re-export the artifacts")
+        # Copied out of the file mapping once; device tensors and the host embedding table share that copy.
+        arrays = {name: np.array(a, dtype=host_dtype(self.dtype)) for name, a in stored.items()}
+        del stored
+        self.embed = arrays[w["embed"]]
+        used = {w["aliases"].get(n, n) for names in w["groups"].values() for n in names}
+        tensors = {name: to_tensor(a, self.dtype) for name, a in arrays.items() if name in used}
+        try:
+            self.weights = {group: tuple(tensors[w["aliases"].get(n, n)] for n in names)
+                            for group, names in w["groups"].items()}
+        except KeyError as e:
+            raise ArtifactError(f"{w['file']} lacks tensor {e} that {MANIFEST} lists; re-export the artifacts") from None
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.folder / "tokenizer"
+
+    def graph(self, spec: GraphSpec) -> nn.GraphCell:
+        """The compiled graph, loaded (and its file hash checked) the first time it is needed."""
+        if spec.name not in self._graphs:
+            start = time.perf_counter()
+            path = self.manifest.check_file(self.folder, spec.file)
+            try:
+                self._graphs[spec.name] = nn.GraphCell(ms.load(str(path)))
+            except (RuntimeError, ValueError) as e:
+                raise ArtifactError(f"{spec.file} cannot be loaded by MindSpore {ms.__version__} "
+                                    f"({' '.join(str(e).split())[:200]}); re-export the artifacts") from None
+            self.graph_load_ms += (time.perf_counter() - start) * 1e3
+        return self._graphs[spec.name]
+
+    def loaded_graphs(self) -> list[str]:
+        return sorted(self._graphs)
+
+    def caches(self, batch: int, capacity: int) -> tuple[ms.Tensor, ...]:
+        """The KV cache of one (batch, capacity), allocated once; every text graph of that size updates it."""
+        key = (batch, capacity)
+        if key not in self._caches:
+            self._caches[key] = tuple(to_tensor(np.zeros(c.shape, host_dtype(c.dtype)), c.dtype)
+                                      for c in kv_cache_specs(self.config, batch, capacity, self.dtype))
+        return self._caches[key]
+
+    def run(self, spec: GraphSpec, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Feed one graph its data inputs (by name, as declared), its caches and its weights."""
+        args = [to_tensor(inputs[t.name], t.dtype) for t in spec.inputs]
+        if spec.caches:
+            args += self.caches(spec.bucket["batch"], spec.bucket["cache"])
+        return self.graph(spec)(*args, *self.weights[spec.weights]).asnumpy()

@@ -1,0 +1,163 @@
+"""The runtime: exported graphs only, no model code. vision → prefill → decode with an in-place KV cache.
+
+    prompt, images, videos ──Processor (bucket policy)──▶ token ids + patches per image/video
+        ──vision_{H}x{W} / video_{T}x{H}x{W}──▶ visual tokens, placed at the pad positions of the embeddings
+        ──prefill_b1_s{S}_c{C}──▶ first token ──decode_b1_c{C} × n──▶ tokens ──▶ text
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Any, Iterator, Sequence
+
+import mindspore as ms
+import numpy as np
+
+from mindvl.device import refuse_bfloat16_on_cpu, select_device
+from mindvl.errors import RequestError
+from mindvl.runtime.artifacts import Artifacts
+from mindvl.runtime.detokenize import StreamDecoder
+from mindvl.runtime.sampling import Sampling, next_token
+from mindvl.shapes.buckets import BucketSpec, choose_text_buckets
+from mindvl.shapes.graphs import text_graph, vision_graph
+from mindvl.shapes.processor import ImageInput, Prepared, Processor, VideoInput
+from mindvl.shapes.rope_index import rope_index
+from mindvl.shapes.text_inputs import attention_mask, place_visual
+from mindvl.shapes.vision_inputs import block_mask, frame_lengths, vision_rotary
+
+
+@dataclass
+class Output:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    buckets: dict[str, Any] = field(default_factory=dict)  # graphs used, and how each input was fitted
+    # ms: preprocess, vision, prefill, decode_per_token (median), total, and graph_load (first use of a graph,
+    # counted inside vision and prefill)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Runtime:
+    def __init__(self, artifacts: Artifacts, device: str) -> None:
+        self.artifacts, self.device = artifacts, device
+        self.config = artifacts.config
+        self.buckets = BucketSpec.from_dict(artifacts.manifest.buckets)
+        self.processor = Processor(artifacts.tokenizer_dir, self.buckets)
+        self.np_dtype = np.float16 if artifacts.dtype == "float16" else np.float32
+
+    @classmethod
+    def load(cls, artifacts: str | Path, device: str | None = None, verify: bool = True) -> Runtime:
+        """Check and load an artifact folder; `verify=False` skips hashing the weights file (graph and
+        tokenizer files are always checked)."""
+        device = select_device(device)
+        ms.set_context(device_target=device)
+        loaded = Artifacts(artifacts, verify=verify)
+        refuse_bfloat16_on_cpu(loaded.dtype, device)
+        return cls(loaded, device)
+
+    def generate(self, prompt: str, images: Sequence[ImageInput] = (), videos: Sequence[VideoInput] = (),
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None) -> Output:
+        out = Output()
+        for _ in self._stream(out, prompt, images, videos, max_new_tokens, Sampling(temperature, top_p, top_k, seed)):
+            pass
+        return out
+
+    def stream(self, prompt: str, images: Sequence[ImageInput] = (), videos: Sequence[VideoInput] = (),
+               max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+               seed: int | None = None, output: Output | None = None) -> Iterator[str]:
+        """Text pieces as they are generated; pass `output` to also receive ids, buckets and timings."""
+        yield from self._stream(output or Output(), prompt, images, videos, max_new_tokens,
+                                Sampling(temperature, top_p, top_k, seed))
+
+    def _stream(self, out: Output, prompt: str, images: Sequence[ImageInput], videos: Sequence[VideoInput],
+                max_new_tokens: int, sampling: Sampling) -> Iterator[str]:
+        if max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens is {max_new_tokens}; ask for at least 1 token")
+        start, loaded_before = time.perf_counter(), self.artifacts.graph_load_ms
+        prepared = self.processor.prepare(prompt, images, videos)
+        out.timings["preprocess"] = (time.perf_counter() - start) * 1e3
+        input_ids = prepared.input_ids
+        length = input_ids.shape[1]
+        text = choose_text_buckets(length, max_new_tokens, self.buckets)
+        prefill = text_graph(self.config, 1, text.prefill, text.cache, self.artifacts.dtype)
+        decode = text_graph(self.config, 1, 1, text.cache, self.artifacts.dtype)
+        out.prompt_tokens = length
+        out.buckets = {"prefill": prefill.name, "decode": decode.name, "prefill_padding_tokens": text.padding_tokens,
+                       "inputs": [v.choice.describe() for v in prepared.visuals]}
+
+        begin = time.perf_counter()
+        embeds, vision_graphs = self._embed(prepared)
+        out.buckets["vision"] = vision_graphs
+        out.timings["vision"] = (time.perf_counter() - begin) * 1e3
+
+        begin = time.perf_counter()
+        position_ids, rope_deltas = self._positions(prepared)
+        slots = np.arange(text.prefill)[None]
+        key_valid = np.arange(text.cache)[None] < length
+        logits = self.artifacts.run(prefill, {
+            "embeds": np.pad(embeds, ((0, 0), (0, text.prefill - length), (0, 0))),
+            "position_ids": np.pad(position_ids, ((0, 0), (0, 0), (0, text.prefill - length))),
+            "cache_positions": slots, "mask": attention_mask(key_valid, slots, self.np_dtype),
+            "logits_index": np.array([[length - 1]])})
+        out.timings["prefill"] = (time.perf_counter() - begin) * 1e3
+
+        rng = np.random.default_rng(sampling.seed)
+        decoder = StreamDecoder(lambda ids: self.processor.tokenizer.decode(ids, skip_special_tokens=True))
+        stop = set(self.processor.tokenizer.eos_token_ids)
+        steps = []
+        for slot in range(length, length + max_new_tokens):
+            token = next_token(logits[0, -1], sampling, rng)
+            out.token_ids.append(token)
+            if token in stop:
+                break
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+            if slot == length + max_new_tokens - 1:
+                break
+            begin = time.perf_counter()
+            key_valid[:, slot] = True
+            logits = self.artifacts.run(decode, {
+                "embeds": self.artifacts.embed[[[token]]],
+                "position_ids": np.full((3, 1, 1), slot) + rope_deltas.reshape(1, 1, 1),
+                "cache_positions": np.array([[slot]]),
+                "mask": attention_mask(key_valid, np.array([[slot]]), self.np_dtype),
+                "logits_index": np.zeros((1, 1))})
+            steps.append((time.perf_counter() - begin) * 1e3)
+        piece = decoder.flush()
+        if piece:
+            yield piece
+        out.text = decoder.emitted
+        out.timings["decode_per_token"] = median(steps) if steps else 0.0
+        out.timings["graph_load"] = self.artifacts.graph_load_ms - loaded_before  # within vision and prefill
+        out.timings["total"] = (time.perf_counter() - start) * 1e3
+
+    def _embed(self, prepared: Prepared) -> tuple[np.ndarray, list[str]]:
+        """Token embeddings with each image's and video's visual tokens over its pad tokens."""
+        v, dtype = self.config.vision, self.artifacts.dtype
+        embeds = self.artifacts.embed[prepared.input_ids].astype(self.np_dtype)
+        names = []
+        for kind, token_id in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
+            features = []
+            for visual in (x for x in prepared.visuals if x.kind == kind):
+                b = visual.choice.bucket
+                spec = vision_graph(self.config, getattr(b, "frames", 1), b.height, b.width, dtype)
+                cos, sin = vision_rotary(visual.grid[None], v.head_dim, v.spatial_merge_size)
+                mask = block_mask(frame_lengths(visual.grid[None]), self.np_dtype)
+                features.append(self.artifacts.run(spec, {"patches": visual.pixels, "cos": cos, "sin": sin,
+                                                          "mask": mask}))
+                names.append(spec.name)
+            if features:
+                place_visual(embeds, prepared.input_ids, token_id, np.concatenate(features))
+        return embeds, names
+
+    def _positions(self, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
+        c = self.config
+        return rope_index(prepared.input_ids, prepared.grid_thw("image"), prepared.grid_thw("video"),
+                          image_token_id=c.image_token_id, video_token_id=c.video_token_id,
+                          vision_start_token_id=c.vision_start_token_id,
+                          spatial_merge_size=c.vision.spatial_merge_size)

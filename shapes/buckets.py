@@ -1,0 +1,369 @@
+"""Bucket specs (the static shapes an artifact is exported at) and which bucket an input takes.
+
+A spec is YAML (format in DESIGN.md); named presets ship in `presets/NAME.yaml`.
+
+Image rule, for an image of h x w pixels (H x W everywhere):
+  (1) the deployment's pixel ceiling is min(max_pixels, largest bucket's pixels);
+  (2) need = h'*w' where (h', w') = smart_resize(h, w, factor, min_pixels, ceiling) -- i.e. what the model's own
+      processor would do with that ceiling, so a large photo is scaled down the way transformers would, never
+      cropped;
+  (3) candidates = buckets with pixels >= need;
+  (4) pick the candidate whose aspect ratio is closest in log space (|log((H_b/W_b)/(h/w))|), ties -> fewer
+      pixels, then -> name.
+  The image is then resized to the bucket; ImageChoice reports the scale, the aspect distortion and the share of
+  the bucket's tokens beyond what the processor would have made.
+
+Video rule, for a clip of `total_frames` frames of h x w pixels:
+  (1) The candidates are the buckets with at most `total_frames` frames (frames are never invented).
+  (2) want = how many frames sampling at `fps` keeps (`sample_frame_indices`, 4 to 768 frames).
+  (3) Take the candidate frame count closest to `want`; ties go to more frames.
+  (4) Among the buckets with that frame count, apply the image rule to the frame size.
+  The frames kept are index[i] = i * total_frames // F.
+
+Text rule: the smallest batch bucket >= batch; among the (prefill S, cache C) pairs with S <= C, S >= the prompt
+and C >= prompt + max_new_tokens, the smallest C, then the smallest S.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+import yaml
+
+from mindvl.errors import MindVLError
+from mindvl.shapes.image import one_line, smart_resize
+from mindvl.shapes.video import sample_frame_indices
+
+KEYS = ("images", "videos", "batch", "prefill", "cache", "dtype")
+DTYPES = ("float32", "float16", "bfloat16")
+_EXAMPLES = {"images": "[224x224, 448x336]", "videos": "[{frames: 8, size: 224x224}]", "batch": "[1]",
+             "prefill": "[128, 256]", "cache": "[1024, 2048]"}
+_SIZE = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")
+
+
+class BucketError(MindVLError):
+    """A bucket spec is invalid, or an input fits no bucket of the artifact."""
+
+
+@dataclass(frozen=True)
+class ImageBucket:
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        _check_size(self.height, self.width, "images")
+
+    @property
+    def name(self) -> str:
+        return f"{self.height}x{self.width}"
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+
+@dataclass(frozen=True)
+class VideoBucket:
+    frames: int
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        _check_size(self.height, self.width, "videos")
+        f = self.frames
+        if isinstance(f, bool) or not isinstance(f, int) or f < 2 or f % 2:
+            fix = f"{f - 1} or {f + 1}" if isinstance(f, int) and f > 2 else "e.g. 2 or 8"
+            raise BucketError(
+                f"videos: frames {f!r} must be an even number >= 2 (Qwen2-VL's temporal patch is 2 frames); use {fix}"
+            )
+
+    @property
+    def name(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+    @property
+    def pixels(self) -> int:
+        """Per frame: the image rule compares frame sizes."""
+        return self.height * self.width
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    images: tuple[ImageBucket, ...]
+    videos: tuple[VideoBucket, ...]
+    batch: tuple[int, ...]
+    prefill: tuple[int, ...]
+    cache: tuple[int, ...]
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        # Sorted and de-duplicated so that two specs with the same buckets compare equal.
+        norm = {
+            "images": sorted(set(self.images), key=lambda b: (b.pixels, b.height, b.width)),
+            "videos": sorted(set(self.videos), key=lambda b: (b.frames, b.pixels, b.height, b.width)),
+            **{key: _positive_ints(key, getattr(self, key)) for key in ("batch", "prefill", "cache")},
+        }
+        for key, value in norm.items():
+            object.__setattr__(self, key, tuple(value))
+        if self.dtype not in DTYPES:
+            raise BucketError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        unusable = [s for s in self.prefill if s > self.cache[-1]]
+        if unusable:
+            raise BucketError(
+                f"prefill: {unusable[0]} is longer than every cache (largest {self.cache[-1]}), so no graph could use "
+                f"it; remove it, or add a cache bucket (cache: [..., {unusable[-1]}])"
+            )
+
+    @classmethod
+    def from_dict(cls, d: Any, factor: int = 28) -> BucketSpec:
+        """Parse and validate a YAML-shaped dict; image and frame sizes must be multiples of `factor`."""
+        if not isinstance(d, dict):
+            got = "nothing" if d is None else type(d).__name__
+            raise BucketError(f"a bucket spec must be a mapping with keys {', '.join(KEYS)}; got {got}")
+        for key in d:
+            if key not in KEYS:
+                close = difflib.get_close_matches(str(key), KEYS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise BucketError(f"unknown key {key!r} in bucket spec; {hint}known keys: {', '.join(KEYS)}")
+        images = [ImageBucket(*_size(s, "images", factor)) for s in _list(d, "images", required=False)]
+        videos = [_video(v, factor) for v in _list(d, "videos", required=False)]
+        ints = {key: tuple(_list(d, key, required=True)) for key in ("batch", "prefill", "cache")}
+        return cls(tuple(images), tuple(videos), dtype=d.get("dtype", "float32"), **ints)
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path], factor: int = 28) -> BucketSpec:
+        path = Path(path)
+        try:
+            d = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            presets = ", ".join(cls.preset_names())
+            raise BucketError(f"{path}: cannot read the bucket file ({e.strerror}); check the path, or use a preset "
+                              f"({presets})") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise BucketError(f"{path}: not valid YAML ({one_line(e)}); fix the syntax") from None
+        try:
+            return cls.from_dict(d, factor)
+        except BucketError as e:
+            raise BucketError(f"{path}: {e}") from None
+
+    @classmethod
+    def preset(cls, name: str) -> BucketSpec:
+        if name not in cls.preset_names():
+            raise BucketError(f"unknown bucket preset {name!r}; known presets: {', '.join(cls.preset_names())}")
+        return cls.from_dict(yaml.safe_load((_PRESETS / f"{name}.yaml").read_text(encoding="utf-8")))
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        return sorted(p.name[: -len(".yaml")] for p in _PRESETS.iterdir() if p.name.endswith(".yaml"))
+
+    def to_dict(self) -> dict[str, Any]:
+        # Empty image/video lists are left out: from_dict refuses an explicitly empty one.
+        d: dict[str, Any] = {}
+        if self.images:
+            d["images"] = [b.name for b in self.images]
+        if self.videos:
+            d["videos"] = [{"frames": b.frames, "size": f"{b.height}x{b.width}"} for b in self.videos]
+        return {**d, "batch": list(self.batch), "prefill": list(self.prefill), "cache": list(self.cache),
+                "dtype": self.dtype}
+
+    def prefill_cache_pairs(self) -> list[tuple[int, int]]:
+        """Every (S, C) with S <= C: one prefill graph each, per batch size."""
+        return [(s, c) for s in self.prefill for c in self.cache if s <= c]
+
+
+_PRESETS = files("mindvl.shapes") / "presets"
+
+
+def _list(d: dict, key: str, *, required: bool) -> list:
+    if key not in d:
+        if required:
+            raise BucketError(f"bucket spec has no {key!r}; add it, e.g. {key}: {_EXAMPLES[key]}")
+        return []
+    value = d[key]
+    if not isinstance(value, list):
+        raise BucketError(f"{key}: {value!r} is not a list; write it as {key}: {_EXAMPLES[key]}")
+    if not value and not required:  # batch/prefill/cache get the same check from BucketSpec itself
+        raise BucketError(f"{key}: the list is empty; omit the key if the artifact takes none, or give some, "
+                          f"e.g. {key}: {_EXAMPLES[key]}")
+    return value
+
+
+def _check_size(height: Any, width: Any, key: str) -> None:
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width)):
+        raise BucketError(f"{key}: {height!r}x{width!r} is not a size; use positive pixels, e.g. 224x224")
+
+
+def _positive_ints(key: str, values: Sequence[Any]) -> list[int]:
+    if not values:
+        raise BucketError(f"{key}: the list is empty; give at least one, e.g. {key}: {_EXAMPLES[key]}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise BucketError(f"{key}: {v!r} is not a positive integer; write e.g. {key}: {_EXAMPLES[key]}")
+    return sorted(set(values))
+
+
+def _size(text: Any, key: str, factor: int) -> tuple[int, int]:
+    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    if not match:
+        raise BucketError(f"{key}: {text!r} is not HxW; write height x width in pixels, e.g. 448x336")
+    h, w = int(match[1]), int(match[2])
+    if h % factor or w % factor:
+        near_h, near_w = (max(factor, round(n / factor) * factor) for n in (h, w))
+        raise BucketError(f"{key}: {text} must be a multiple of {factor} on both sides (one merged vision patch); "
+                          f"the nearest such size is {near_h}x{near_w}")
+    return h, w
+
+
+def _video(entry: Any, factor: int) -> VideoBucket:
+    if not isinstance(entry, dict) or set(entry) != {"frames", "size"}:
+        raise BucketError(f"videos: {entry!r} must have exactly the keys frames and size, "
+                          "e.g. {frames: 8, size: 224x224}")
+    return VideoBucket(entry["frames"], *_size(entry["size"], "videos", factor))
+
+
+class _Resized:
+    """What resizing `source` (h, w) to the bucket costs; `native` is what the processor alone would make of it."""
+
+    bucket: Union[ImageBucket, VideoBucket]
+    source: tuple[int, int]
+    native: tuple[int, int]
+
+    @property
+    def scale_y(self) -> float:
+        return self.bucket.height / self.source[0]
+
+    @property
+    def scale_x(self) -> float:
+        return self.bucket.width / self.source[1]
+
+    @property
+    def aspect_distortion(self) -> float:
+        return (self.bucket.height / self.bucket.width) / (self.source[0] / self.source[1])
+
+    @property
+    def extra_pixel_fraction(self) -> float:
+        return (self.bucket.pixels - self.native[0] * self.native[1]) / self.bucket.pixels
+
+    def describe(self) -> str:
+        sy, sx = f"{self.scale_y:.2f}", f"{self.scale_x:.2f}"
+        scale = sy if sy == sx else f"y {sy}, x {sx}"
+        return (f"{self.source[0]}x{self.source[1]} → bucket {self.bucket.name} (scale {scale}, "
+                f"{self.extra_pixel_fraction:.0%} of tokens beyond native {self.native[0]}x{self.native[1]})")
+
+
+@dataclass(frozen=True)
+class ImageChoice(_Resized):
+    bucket: ImageBucket
+    source: tuple[int, int]
+    native: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class VideoChoice(_Resized):
+    bucket: VideoBucket
+    source: tuple[int, int]
+    native: tuple[int, int]
+    total_frames: int
+    wanted_frames: int
+    frame_indices: np.ndarray = field(compare=False, repr=False)
+
+    def describe(self) -> str:
+        return (f"{self.bucket.frames} of {self.total_frames} frames ({self.wanted_frames} at the sampling rate), "
+                + super().describe())
+
+
+@dataclass(frozen=True)
+class TextChoice:
+    batch: int
+    prefill: int
+    cache: int
+    padding_tokens: int  # prefill positions past the prompt, per sequence
+    unused_cache: int  # cache slots left after prompt + max_new_tokens
+
+
+def choose_image_bucket(
+    height: int, width: int, buckets: Sequence[ImageBucket], *, factor: int, min_pixels: int, max_pixels: int
+) -> ImageChoice:
+    """The image rule of the module docstring."""
+    if not buckets:
+        raise BucketError(f"this artifact has no image buckets; re-export with images: {_EXAMPLES['images']}")
+    bucket, native = _fit(height, width, buckets, factor, min_pixels, max_pixels, "image",
+                          lambda size: f"images: [..., {size}]")
+    return ImageChoice(bucket, (height, width), native)
+
+
+def choose_video_bucket(
+    total_frames: int, native_fps: float, height: int, width: int, buckets: Sequence[VideoBucket], *,
+    factor: int, min_pixels: int, max_pixels: int, fps: float = 2.0,
+) -> VideoChoice:
+    """The video rule of the module docstring."""
+    if not buckets:
+        raise BucketError(f"this artifact has no video buckets; re-export with videos: {_EXAMPLES['videos']}")
+    fitting = [b for b in buckets if b.frames <= total_frames]
+    if not fitting:
+        smallest = min(buckets, key=lambda b: b.frames)
+        even = total_frames - total_frames % 2
+        fix = (f"add a bucket with at most {total_frames} frames (videos: [..., {{frames: {even}, size: "
+               f"{smallest.height}x{smallest.width}}}]) and re-export" if even >= 2 else "pass it as an image instead")
+        clip = f"{total_frames} frame{'s' * (total_frames != 1)}"
+        raise BucketError(f"video has {clip}; the smallest video bucket ({smallest.name}) needs {smallest.frames} "
+                          f"and frames are never repeated: {fix}")
+    # No rate in the header: take the frames as already at the sampling rate, as load_video does.
+    want = len(sample_frame_indices(total_frames, native_fps or fps, fps=fps, min_frames=4, max_frames=768))
+    frames = min({b.frames for b in fitting}, key=lambda f: (abs(f - want), -f))
+    same = [b for b in fitting if b.frames == frames]
+    bucket, native = _fit(height, width, same, factor, min_pixels, max_pixels, f"{frames}-frame video",
+                          lambda size: f"videos: [..., {{frames: {frames}, size: {size}}}]")
+    indices = np.arange(frames, dtype=np.int64) * total_frames // frames
+    return VideoChoice(bucket, (height, width), native, total_frames, want, indices)
+
+
+def choose_text_buckets(prompt_tokens: int, max_new_tokens: int, spec: BucketSpec, batch: int = 1) -> TextChoice:
+    """The text rule of the module docstring."""
+    if batch > spec.batch[-1]:
+        raise BucketError(f"batch of {batch} sequences; the largest batch bucket is {spec.batch[-1]}: add it "
+                          f"(batch: [..., {batch}]) to the bucket spec and re-export")
+    if prompt_tokens > spec.prefill[-1]:
+        raise BucketError(f"prompt is {prompt_tokens} tokens; the largest prefill bucket is {spec.prefill[-1]}: add a "
+                          f"longer one (prefill: [..., {_pow2(prompt_tokens)}]) to the bucket spec and re-export")
+    total = prompt_tokens + max_new_tokens
+    if total > spec.cache[-1]:
+        raise BucketError(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens, more than the "
+            f"largest cache bucket {spec.cache[-1]}: lower max_new_tokens to <= {spec.cache[-1] - prompt_tokens}, "
+            f"or add a cache bucket (cache: [..., {_pow2(total)}]) and re-export"
+        )
+    # Non-empty: validation keeps every prefill <= the largest cache.
+    s, c = min(((s, c) for s, c in spec.prefill_cache_pairs() if s >= prompt_tokens and c >= total),
+               key=lambda sc: (sc[1], sc[0]))
+    b = min(x for x in spec.batch if x >= batch)
+    return TextChoice(b, s, c, s - prompt_tokens, c - total)
+
+
+def _fit(height: int, width: int, buckets: Sequence[Union[ImageBucket, VideoBucket]], factor: int,
+         min_pixels: int, max_pixels: int, what: str, add: Callable[[str], str]) -> tuple[Any, tuple[int, int]]:
+    largest = max(buckets, key=lambda b: b.pixels)
+    native = smart_resize(height, width, factor, min_pixels, min(max_pixels, largest.pixels))
+    need = native[0] * native[1]
+    fits = [b for b in buckets if b.pixels >= need]
+    if not fits:
+        size = f"{native[0]}x{native[1]}"
+        raise BucketError(f"{what} {height}x{width} needs {size} = {need} pixels, more than the largest {what} bucket "
+                          f"{largest.name}: add one at least that large ({add(size)}) and re-export")
+    # max(r, 1/r) orders buckets exactly as |log r| does, and as an exact fraction it has no float ties.
+    def distance(b: Union[ImageBucket, VideoBucket]) -> Fraction:
+        r = Fraction(b.height * width, b.width * height)
+        return max(r, 1 / r)
+
+    return min(fits, key=lambda b: (distance(b), b.pixels, b.name)), native
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()

@@ -1,0 +1,89 @@
+"""manifest.json: what an artifact folder holds, written by export and checked by the runtime.
+
+Everything the runtime needs to feed the graphs is here — model dimensions, bucket spec, each graph's inputs
+and outputs, the weight groups in graph-input order — so it never guesses and never imports model code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mindvl.errors import ArtifactError
+from mindvl.shapes.config import ModelConfig
+from mindvl.shapes.graphs import GraphSpec
+
+FORMAT = "mindvl-artifacts"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    mindvl_version: str
+    mindspore_version: str
+    model: dict[str, Any]  # ModelConfig.to_dict()
+    dtype: str
+    buckets: dict[str, Any]  # BucketSpec.to_dict()
+    graphs: tuple[GraphSpec, ...]
+    weights: dict[str, Any]  # file, sha256, bytes, groups {name: [tensor names in input order]}, aliases
+    files: dict[str, dict[str, Any]]  # relative path -> {sha256, bytes}, every file but the manifest
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_hf(self.model)
+
+    def graph(self, name: str) -> GraphSpec:
+        for g in self.graphs:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "mindvl_version": self.mindvl_version,
+                "mindspore_version": self.mindspore_version, "dtype": self.dtype, "model": self.model,
+                "buckets": self.buckets, "weights": self.weights, "graphs": [g.to_dict() for g in self.graphs],
+                "files": self.files}
+
+    def write(self, folder: Path) -> None:
+        (folder / MANIFEST).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise ArtifactError(f"{folder} has no {MANIFEST}: it is not a mindvl artifact folder, or its export did "
+                                f"not finish; run `mindvl export MODEL_DIR -o {folder}`")
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{path} is corrupt ({e}); re-export the artifacts") from None
+        if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(f"{path} is format {d.get('format')!r} version {d.get('format_version')!r}; this "
+                                f"mindvl reads {FORMAT!r} version {FORMAT_VERSION}: re-export with this mindvl")
+        try:
+            return cls(d["mindvl_version"], d["mindspore_version"], d["model"], d["dtype"], d["buckets"],
+                       tuple(GraphSpec.from_dict(g) for g in d["graphs"]), d["weights"], d["files"])
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(f"{path} lacks {e}; re-export the artifacts") from None
+
+    def check_file(self, folder: Path, relative: str) -> Path:
+        """The file's path once its size and sha256 match the manifest."""
+        path, expected = folder / relative, self.files[relative]
+        if not path.is_file():
+            raise ArtifactError(f"{relative} is missing from {folder}: the artifact folder is incomplete; re-export it")
+        if path.stat().st_size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+            raise ArtifactError(f"{relative} in {folder} does not match its sha256 in {MANIFEST} (corrupt or "
+                                f"modified); re-export the artifacts")
+        return path

@@ -1,0 +1,266 @@
+"""Bucket specs, presets, validation messages and the selection rules, against hand-computed expectations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from mindvl.errors import MindVLError
+from mindvl.shapes.buckets import (
+    BucketError,
+    BucketSpec,
+    ImageBucket,
+    VideoBucket,
+    choose_image_bucket,
+    choose_text_buckets,
+    choose_video_bucket,
+)
+
+# Qwen2-VL's processor defaults: one merged patch is 28 px; 56*56 = 3136 .. 28*28*1280 = 1003520 pixels.
+PIXELS = dict(factor=28, min_pixels=3136, max_pixels=1003520)
+DEFAULT = BucketSpec.preset("default")  # images 224x224 448x448 448x336 336x448 672x672; prefill 128..1024
+TINY = BucketSpec.preset("tiny")
+VIDEOS = [VideoBucket(4, 112, 112), VideoBucket(8, 224, 224), VideoBucket(8, 112, 112), VideoBucket(16, 224, 224)]
+
+
+def image(h: int, w: int, buckets=DEFAULT.images, **kw):
+    return choose_image_bucket(h, w, buckets, **{**PIXELS, **kw})
+
+
+def video(total: int, fps: float, h: int = 240, w: int = 320, buckets=VIDEOS):
+    return choose_video_bucket(total, fps, h, w, buckets, **PIXELS)
+
+
+def raises(fn, *words: str) -> str:
+    """Run fn, expect a one-line BucketError containing every word; return the message."""
+    with pytest.raises(BucketError) as info:
+        fn()
+    message = str(info.value)
+    assert isinstance(info.value, MindVLError) and "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+    return message
+
+
+# --- spec, presets, YAML --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny", "default", "bench-2b"])
+def test_preset_round_trips(name: str, tmp_path) -> None:
+    spec = BucketSpec.preset(name)
+    assert BucketSpec.from_dict(spec.to_dict()) == spec
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec.to_dict()))
+    assert BucketSpec.from_yaml(path) == spec
+
+
+def test_presets_hold_the_agreed_shapes() -> None:
+    assert BucketSpec.preset_names() == ["bench-2b", "default", "tiny"]
+    assert [b.name for b in TINY.images] == ["112x112", "168x224", "224x168", "224x224"]  # sorted by pixels
+    assert [b.name for b in TINY.videos] == ["4x112x112"]
+    assert (TINY.batch, TINY.prefill, TINY.cache, TINY.dtype) == ((1,), (64, 128, 256), (256, 512), "float32")
+    assert {b.name for b in DEFAULT.images} == {"224x224", "448x448", "448x336", "336x448", "672x672"}
+    assert (DEFAULT.prefill, DEFAULT.cache) == ((128, 256, 512, 1024), (1024, 2048))
+    bench = BucketSpec.preset("bench-2b")
+    # 4 vision + 1 video + (128, 512) x (1024, 2048) prefill + 2 decode = 11 graphs
+    graphs = len(bench.images) + len(bench.videos) + len(bench.prefill_cache_pairs()) * len(bench.batch)
+    assert graphs + len(bench.cache) * len(bench.batch) == 11
+
+
+def test_spec_is_sorted_and_deduplicated() -> None:
+    a = BucketSpec.from_dict({"images": ["448x336", "224x224", "448x336"], "batch": [4, 1, 1],
+                              "prefill": [256, 128], "cache": [2048, 1024, 2048]})
+    b = BucketSpec.from_dict({"images": ["224x224", "448x336"], "batch": [1, 4], "prefill": [128, 256],
+                              "cache": [1024, 2048], "dtype": "float32"})
+    assert a == b and a.batch == (1, 4) and a.videos == ()
+    assert a.to_dict() == {"images": ["224x224", "448x336"], "batch": [1, 4], "prefill": [128, 256],
+                           "cache": [1024, 2048], "dtype": "float32"}  # text/video keys absent, not empty
+
+
+def test_prefill_cache_pairs_keep_s_at_most_c() -> None:
+    spec = BucketSpec.from_dict({"prefill": [128, 512], "cache": [256, 1024], "batch": [1]})
+    assert spec.prefill_cache_pairs() == [(128, 256), (128, 1024), (512, 1024)]  # (512, 256) cannot exist
+    assert ImageBucket(448, 336).name == "448x336" and ImageBucket(448, 336).pixels == 150528
+    assert VideoBucket(8, 224, 336).name == "8x224x336"
+
+
+BASE = {"batch": [1], "prefill": [128], "cache": [1024]}
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"prefil": [128]}, ["unknown key 'prefil'", "did you mean 'prefill'", "images, videos, batch, prefill"]),
+    ({"images": ["224*224"]}, ["images", "'224*224'", "HxW", "448x336"]),
+    ({"images": ["450x330"]}, ["images", "450x330", "28", "448x336"]),  # 450/28 = 16.07 -> 448, 330/28 = 11.8 -> 336
+    ({"images": ["0x224"]}, ["images", "0x224", "positive"]),
+    ({"images": []}, ["images", "empty", "omit the key"]),
+    ({"videos": []}, ["videos", "empty", "omit the key"]),
+    ({"videos": [{"frames": 7, "size": "224x224"}]}, ["frames 7", "even", "temporal patch", "6 or 8"]),
+    ({"videos": [{"frames": 0, "size": "224x224"}]}, ["frames 0", "even", ">= 2"]),
+    ({"videos": [{"frames": 8}]}, ["videos", "frames and size"]),
+    ({"batch": [0]}, ["batch", "0", "positive integer"]),
+    ({"prefill": [-128]}, ["prefill", "-128", "positive integer"]),
+    ({"cache": ["1024"]}, ["cache", "'1024'", "positive integer"]),
+    ({"batch": []}, ["batch", "empty", "batch: [1]"]),
+    ({"prefill": 128}, ["prefill", "not a list", "prefill: [128, 256]"]),
+    ({"prefill": [128, 4096], "cache": [1024, 2048]}, ["prefill: 4096", "every cache", "2048", "cache: [..., 4096]"]),
+    ({"dtype": "fp32"}, ["dtype", "'fp32'", "float32, float16, bfloat16"]),
+])
+def test_spec_errors_are_one_line_with_the_fix(change: dict, words: list[str]) -> None:
+    raises(lambda: BucketSpec.from_dict({**BASE, **change}), *words)
+
+
+def test_missing_key_and_non_mapping() -> None:
+    raises(lambda: BucketSpec.from_dict({"batch": [1], "prefill": [128]}), "no 'cache'", "cache: [1024, 2048]")
+    raises(lambda: BucketSpec.from_dict([1, 2]), "mapping", "got list")
+
+
+def test_yaml_file_errors_name_the_file(tmp_path) -> None:
+    missing = tmp_path / "nope.yaml"
+    raises(lambda: BucketSpec.from_yaml(missing), str(missing), "No such file", "tiny")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 224x224\n")
+    raises(lambda: BucketSpec.from_yaml(listed), str(listed), "mapping")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("images: [224x224\n")
+    raises(lambda: BucketSpec.from_yaml(broken), str(broken), "not valid YAML")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch: [1]\nprefill: [128]\ncache: [1024]\ndtype: int8\n")
+    raises(lambda: BucketSpec.from_yaml(bad), str(bad), "'int8'")
+    raises(lambda: BucketSpec.preset("huge"), "'huge'", "bench-2b, default, tiny")
+
+
+# --- images ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [TINY, DEFAULT, BucketSpec.preset("bench-2b")])
+def test_exact_size_picks_its_own_bucket(spec: BucketSpec) -> None:
+    for b in spec.images:
+        choice = image(b.height, b.width, spec.images)
+        assert choice.bucket == b and choice.native == (b.height, b.width)
+        assert (choice.scale_y, choice.scale_x, choice.aspect_distortion, choice.extra_pixel_fraction) == (1, 1, 1, 0)
+
+
+def test_portrait_and_landscape() -> None:
+    # 400/28 = 14.3 -> 392, 300/28 = 10.7 -> 308: native 392x308 = 120736 px, under the ceiling 672*672 = 451584.
+    # Candidates: >= 120736 px -> 448x448, 448x336, 336x448, 672x672; 448x336 has exactly the 4:3 aspect.
+    portrait = image(400, 300)
+    assert portrait.bucket.name == "448x336" and portrait.native == (392, 308)
+    assert portrait.scale_y == portrait.scale_x == pytest.approx(1.12)  # 448/400, 336/300
+    assert portrait.extra_pixel_fraction == pytest.approx((150528 - 120736) / 150528)
+    assert portrait.describe() == "400x300 → bucket 448x336 (scale 1.12, 20% of tokens beyond native 392x308)"
+    assert image(300, 400).bucket.name == "336x448"
+
+
+def test_640x480_photo() -> None:
+    # A 640 wide, 480 high photo. 480/28 = 17.1 -> 476, 640/28 = 22.9 -> 644: 306544 px <= 451584, no downscale.
+    # Only 672x672 (451584) has >= 306544 px, so it is stretched there; the 4:3 buckets are too small.
+    choice = image(480, 640)
+    assert choice.bucket.name == "672x672" and choice.native == (476, 644)
+    assert (choice.scale_y, choice.scale_x) == (pytest.approx(1.4), pytest.approx(1.05))  # 672/480, 672/640
+    assert choice.aspect_distortion == pytest.approx(4 / 3)  # (672/672) / (480/640)
+    assert choice.extra_pixel_fraction == pytest.approx((451584 - 306544) / 451584)
+    # bench-2b: ceiling 448*448 = 200704; beta = sqrt(307200/200704) = 1.2372;
+    # 480/1.2372/28 = 13.9 -> 364, 640/1.2372/28 = 18.5 -> 504: need 183456 px, which only 448x448 holds.
+    bench = image(480, 640, BucketSpec.preset("bench-2b").images)
+    assert bench.bucket.name == "448x448" and bench.native == (364, 504)
+
+
+def test_large_photo_is_scaled_into_the_largest_fitting_aspect() -> None:
+    buckets = [ImageBucket(588, 588), ImageBucket(504, 672), ImageBucket(672, 504), ImageBucket(224, 224)]
+    # Ceiling: 588*588 = 345744. beta = sqrt(3000*4000/345744) = 5.8913;
+    # 3000/5.8913/28 = 18.2 -> 504, 4000/5.8913/28 = 24.2 -> 672: need 338688 px.
+    # Candidates: 588x588, 504x672, 672x504 (>= 338688); 504x672 has the photo's 3:4.
+    choice = image(3000, 4000, buckets)
+    assert choice.bucket.name == "504x672" and choice.native == (504, 672)
+    assert choice.scale_y == choice.scale_x == pytest.approx(0.168)  # 504/3000 = 672/4000
+    assert choice.extra_pixel_fraction == 0
+
+
+def test_square_tie_goes_to_fewer_pixels() -> None:
+    # 100/28 = 3.6 -> 112: need 12544 px; 224x224 and 448x448 are both square, 224x224 has fewer pixels.
+    assert image(100, 100, [ImageBucket(448, 448), ImageBucket(224, 224)]).bucket.name == "224x224"
+
+
+def test_tiny_image_is_upscaled_by_min_pixels() -> None:
+    # 20x30 rounds to 28x28 = 784 < 3136: beta = sqrt(3136/600) = 2.2862; ceil(20*2.2862/28) = ceil(1.63) = 2 -> 56,
+    # ceil(30*2.2862/28) = ceil(2.45) = 3 -> 84. Aspect 2:3; 168x224 (3:4) is closest: ratio 1.125 vs 1.5 for squares.
+    choice = image(20, 30, TINY.images)
+    assert choice.native == (56, 84) and choice.bucket.name == "168x224"
+    assert choice.extra_pixel_fraction == pytest.approx((37632 - 4704) / 37632)
+
+
+def test_min_pixels_beyond_every_bucket_is_an_error() -> None:
+    # min_pixels 40000: 100x100 -> 112x112 = 12544 < 40000, beta = 2, ceil(200/28) = 8 -> 224x224 > 112x112.
+    raises(lambda: image(100, 100, [ImageBucket(112, 112)], min_pixels=40000),
+           "image 100x100", "224x224", "largest image bucket 112x112", "images: [..., 224x224]", "re-export")
+
+
+def test_huge_aspect_ratio_is_squeezed_and_reported() -> None:
+    # 100/28 = 3.6 -> 112, 2000/28 = 71.4 -> 1988: need 222656 px; only 672x672 holds that many.
+    choice = image(100, 2000)
+    assert choice.bucket.name == "672x672" and choice.native == (112, 1988)
+    assert choice.aspect_distortion == pytest.approx(20)  # (672/672) / (100/2000)
+
+
+def test_no_image_buckets() -> None:
+    raises(lambda: image(224, 224, []), "no image buckets", "images: [224x224")
+
+
+# --- videos ---------------------------------------------------------------------------------------------------
+
+
+def test_video_takes_the_2fps_frame_count() -> None:
+    # 120 frames at 30 fps = 4 s -> 8 frames at 2 fps. Frame 240x320 against the 8-frame buckets: ceiling 224*224;
+    # beta = sqrt(76800/50176) = 1.2372, 240/1.2372/28 = 6.9 -> 168, 320/1.2372/28 = 9.2 -> 252: need 42336 px,
+    # which only 224x224 holds.
+    choice = video(120, 30)
+    assert choice.bucket == VideoBucket(8, 224, 224) and choice.wanted_frames == 8 and choice.native == (168, 252)
+    assert choice.frame_indices.dtype == np.int64
+    assert choice.frame_indices.tolist() == [0, 15, 30, 45, 60, 75, 90, 105]  # i * 120 // 8
+    # A 100x100 frame needs 112x112 = 12544 px: both 8-frame buckets are square, the smaller wins.
+    assert video(120, 30, 100, 100).bucket == VideoBucket(8, 112, 112)
+
+
+def test_video_frame_count_closest_to_2fps() -> None:
+    assert video(90, 30).bucket.frames == 8  # 3 s -> 6 frames; 4 and 8 are both 2 away: more frames
+    assert video(600, 30).bucket.frames == 16  # 20 s -> 40 frames; 16 is the closest
+    # 12 frames at 1 fps = 12 s -> 24, capped at the 12 the clip has. 16 would tie with 8 but needs frames
+    # the clip does not have; 8 frames: i * 12 // 8.
+    short = video(12, 1)
+    assert (short.wanted_frames, short.bucket.frames) == (12, 8)
+    assert short.frame_indices.tolist() == [0, 1, 3, 4, 6, 7, 9, 10]
+
+
+def test_video_with_too_few_frames() -> None:
+    raises(lambda: video(3, 30), "video has 3 frames", "4x112x112", "needs 4", "frames: 2, size: 112x112")
+    raises(lambda: video(1, 30), "video has 1 frame;", "as an image")
+    raises(lambda: video(8, 30, buckets=[]), "no video buckets", "videos: [{frames: 8")
+
+
+# --- text -----------------------------------------------------------------------------------------------------
+
+
+def test_text_buckets() -> None:
+    exact = choose_text_buckets(256, 768, DEFAULT)  # 256 + 768 = 1024: S 256, C 1024, nothing spare
+    assert (exact.batch, exact.prefill, exact.cache, exact.padding_tokens, exact.unused_cache) == (1, 256, 1024, 0, 0)
+    padded = choose_text_buckets(300, 100, DEFAULT)  # S 512: 212 padding; C 1024: 1024 - 400 = 624 unused
+    assert (padded.prefill, padded.cache, padded.padding_tokens, padded.unused_cache) == (512, 1024, 212, 624)
+    longer = choose_text_buckets(300, 1000, DEFAULT)  # 1300 > 1024: C 2048, 748 unused
+    assert (longer.prefill, longer.cache, longer.unused_cache) == (512, 2048, 748)
+    # prefill [128, 512], cache [256, 1024]: a 200-token prompt needs S 512, which only pairs with C 1024.
+    spec = BucketSpec.from_dict({"prefill": [128, 512], "cache": [256, 1024], "batch": [1, 4]})
+    assert choose_text_buckets(200, 10, spec, batch=2) == choose_text_buckets(200, 10, spec, batch=4)
+    assert choose_text_buckets(200, 10, spec, batch=2).batch == 4
+    assert (choose_text_buckets(200, 10, spec).prefill, choose_text_buckets(200, 10, spec).cache) == (512, 1024)
+
+
+def test_text_errors_say_the_numbers_and_the_fix() -> None:
+    message = raises(lambda: choose_text_buckets(3000, 10, DEFAULT))
+    assert message == ("prompt is 3000 tokens; the largest prefill bucket is 1024: add a longer one "
+                       "(prefill: [..., 4096]) to the bucket spec and re-export")
+    # 900 + 2000 = 2900 > 2048; at most 2048 - 900 = 1148 new tokens fit.
+    raises(lambda: choose_text_buckets(900, 2000, DEFAULT), "900", "2000", "2900", "2048",
+           "max_new_tokens to <= 1148", "cache: [..., 4096]")
+    raises(lambda: choose_text_buckets(10, 10, DEFAULT, batch=2), "batch of 2", "largest batch bucket is 1",
+           "batch: [..., 2]")

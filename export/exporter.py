@@ -7,6 +7,7 @@ under a hidden temporary name and renamed into place only when complete.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import sys
@@ -59,6 +60,20 @@ def _prepare_target(out: Path, force: bool) -> None:
         raise ExportError(f"{out} is not empty: pass --force to replace it, or choose another -o folder")
 
 
+def _remove_dead_partials(out: Path) -> None:
+    """Delete the temporary folders that exports into `out` left when they were killed (their process is gone)."""
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        pid = leftover.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:  # alive, but another user's
+            pass
+
+
 def _place(tmp: Path, out: Path) -> None:
     """Swap the finished folder into place; a replaced export is removed only after the swap."""
     if not out.exists():
@@ -94,6 +109,7 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    _remove_dead_partials(out)
     try:
         (tmp / "graphs").mkdir(parents=True)
         (tmp / "tokenizer").mkdir()

@@ -10,12 +10,14 @@ DEVICES = ("CPU", "Ascend")
 
 
 def select_device(device: str | None = None) -> str:
-    """The requested device, else Ascend when this MindSpore build sees one, else CPU."""
-    if device is not None:
-        if device not in DEVICES:
-            raise UnsupportedError(f"device {device!r} is not supported; use 'CPU' or 'Ascend'")
-        return device
-    return "Ascend" if ms.hal.is_available("Ascend") else "CPU"
+    """The requested device, else the one this MindSpore package targets (Ascend builds: Ascend), else CPU;
+    then make it MindSpore's device."""
+    if device is not None and device not in DEVICES:
+        raise UnsupportedError(f"device {device!r} is not supported; use 'CPU' or 'Ascend'")
+    # Asking the context (not probing backends) keeps MindSpore from logging its missing-plugin warnings.
+    chosen = device or ("Ascend" if ms.get_context("device_target") == "Ascend" else "CPU")
+    ms.set_device(chosen)
+    return chosen
 
 
 def refuse_bfloat16_on_cpu(dtype: str, device: str) -> None:

@@ -34,6 +34,7 @@ def inspect_artifacts(folder: str | Path, verify: bool = False) -> str:
         import mindspore as ms
         from mindspore import nn
 
+        m.check_made_by(folder, ms.__version__)
         for relative in m.files:
             m.check_file(folder, relative)
         for g in m.graphs:

@@ -24,8 +24,12 @@ def _to_bf16_bits(a: np.ndarray) -> np.ndarray:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def read_safetensors(path: Path, error: type[MindVLError], fix: str) -> dict[str, np.ndarray]:
-    """All float tensors of one file, memory-mapped (bf16 widened to float32); `error(..., fix)` if unreadable."""
+def read_safetensors(path: Path, error: type[MindVLError], fix: str, mapped: bool = True) -> dict[str, np.ndarray]:
+    """All float tensors of one file (bf16 widened to float32); `error(..., fix)` if unreadable.
+
+    mapped: views into a memory map of the file (pages are read when used); else each tensor is read into its
+    own array, so memory holds the tensors once instead of the mapping and a copy side by side.
+    """
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -37,18 +41,24 @@ def read_safetensors(path: Path, error: type[MindVLError], fix: str) -> dict[str
         raise error(f"{path} is not a readable safetensors file ({e}); {fix}") from None
     header.pop("__metadata__", None)
     data_start = 8 + header_len
-    raw = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
+    raw = np.memmap(path, dtype=np.uint8, mode="r") if mapped and size > data_start else None
     out: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        dtype = _READ.get(info["dtype"])
-        if dtype is None:
-            continue
-        begin, end = (data_start + o for o in info["data_offsets"])
-        count = int(np.prod(info["shape"], dtype=np.int64))
-        if end > size or end - begin != count * np.dtype(dtype).itemsize:
-            raise error(f"{path} is truncated or corrupt at tensor {name}; {fix}")
-        arr = raw[begin:end].view(dtype).reshape(info["shape"])
-        out[name] = (arr.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else arr
+    with path.open("rb") as f:
+        for name, info in header.items():
+            dtype = _READ.get(info["dtype"])
+            if dtype is None:
+                continue
+            begin, end = (data_start + o for o in info["data_offsets"])
+            count = int(np.prod(info["shape"], dtype=np.int64))
+            if end > size or end - begin != count * np.dtype(dtype).itemsize:
+                raise error(f"{path} is truncated or corrupt at tensor {name}; {fix}")
+            if raw is not None:
+                arr = raw[begin:end].view(dtype).reshape(info["shape"])
+            else:
+                arr = np.empty(info["shape"], dtype)
+                f.seek(begin)
+                f.readinto(memoryview(arr).cast("B"))
+            out[name] = (arr.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else arr
     return out
 
 

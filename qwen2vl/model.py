@@ -45,7 +45,7 @@ class Qwen2VL:
         if dtype not in DTYPES:
             raise UnsupportedError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         self.cfg, self.dtype, self.device = cfg, dtype, select_device(device)
-        ms.set_context(mode=ms.PYNATIVE_MODE, device_target=self.device)
+        ms.set_context(mode=ms.PYNATIVE_MODE)
         ms_dtype = DTYPES[dtype]
         # bfloat16 has no numpy type: the host keeps float32 copies and the device tensors are bfloat16.
         self.np_dtype = np.float16 if dtype == "float16" else np.float32

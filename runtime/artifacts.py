@@ -1,11 +1,12 @@
 """An exported artifact folder, checked and loaded: weights held once, graphs compiled on first use.
 
-Checks at load: the manifest's format version, the MindSpore major version, the size and sha256 of the
-weights and tokenizer files; each graph file's sha256 when it is first loaded.
+Checks at load: the manifest's format version, the MindSpore major version, every file's presence and size,
+the sha256 of the weights and tokenizer files; each graph file's sha256 when it is first loaded.
 """
 
 from __future__ import annotations
 
+import glob
 import time
 from pathlib import Path
 
@@ -32,26 +33,26 @@ def to_tensor(a: np.ndarray, dtype: str) -> ms.Tensor:
     return ms.Tensor.from_numpy(a) if dtype != "bfloat16" else ms.Tensor(a, ms.bfloat16)
 
 
-def _major(version: str) -> int:
-    return int(version.split(".")[0])
-
-
 class Artifacts:
     def __init__(self, folder: str | Path, verify: bool = True) -> None:
         self.folder = Path(folder)
+        if not self.folder.exists():
+            left = sorted(self.folder.parent.glob(f".{glob.escape(self.folder.name)}.partial-*"))
+            why = (f"an export into it did not finish (delete its leftover {left[0]})" if left else "check the path")
+            raise ArtifactError(f"{self.folder} does not exist, so it has no {MANIFEST}: {why}; run "
+                                f"`mindvl export MODEL_DIR -o {self.folder}`")
         if not self.folder.is_dir():
             raise ArtifactError(f"{self.folder} is not a folder; pass the folder `mindvl export -o` wrote")
         self.manifest = Manifest.read(self.folder)
-        made_with = self.manifest.mindspore_version
-        if _major(made_with) != _major(ms.__version__):
-            raise ArtifactError(f"{self.folder} was exported with MindSpore {made_with}; this is MindSpore "
-                                f"{ms.__version__}: re-export with this MindSpore")
+        self.manifest.check_made_by(self.folder, ms.__version__)
         self.config = self.manifest.config
         self.dtype = self.manifest.dtype
         start = time.perf_counter()
         for relative in self.manifest.files:
-            if relative.startswith("tokenizer/") or (verify and relative == self.manifest.weights["file"]):
-                self.manifest.check_file(self.folder, relative)
+            # Every file must be present at its size now (not halfway through a generation); graph hashes are
+            # checked when a graph is first loaded.
+            rehash = relative.startswith("tokenizer/") or (verify and relative == self.manifest.weights["file"])
+            self.manifest.check_file(self.folder, relative, rehash=rehash)
         self.verify_seconds = time.perf_counter() - start
         self._load_weights()
         self._graphs: dict[str, nn.GraphCell] = {}
@@ -64,10 +65,9 @@ class Artifacts:
         if not path.is_file():
             raise ArtifactError(f"{w['file']} is missing from {self.folder}: the artifact folder is incomplete; "
                                 f"re-export it")
-        stored = read_safetensors(path, ArtifactError, "re-export the artifacts")
-        # Copied out of the file mapping once; device tensors and the host embedding table share that copy.
-        arrays = {name: np.array(a, dtype=host_dtype(self.dtype)) for name, a in stored.items()}
-        del stored
+        # Read straight into memory (no file mapping), once: device tensors and the host embedding table share it.
+        arrays = read_safetensors(path, ArtifactError, "re-export the artifacts", mapped=False)
+        arrays = {name: a.astype(host_dtype(self.dtype), copy=False) for name, a in arrays.items()}
         self.embed = arrays[w["embed"]]
         used = {w["aliases"].get(n, n) for names in w["groups"].values() for n in names}
         tensors = {name: to_tensor(a, self.dtype) for name, a in arrays.items() if name in used}

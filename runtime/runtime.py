@@ -13,7 +13,6 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Iterator, Sequence
 
-import mindspore as ms
 import numpy as np
 
 from mindvl.device import refuse_bfloat16_on_cpu, select_device
@@ -38,6 +37,7 @@ class Output:
     # ms: preprocess, vision, prefill, decode_per_token (median), total, and graph_load (first use of a graph,
     # counted inside vision and prefill)
     timings: dict[str, float] = field(default_factory=dict)
+    logits: list[np.ndarray] = field(default_factory=list)  # [vocab] per generated token, with keep_logits=True
 
 
 class Runtime:
@@ -53,16 +53,16 @@ class Runtime:
         """Check and load an artifact folder; `verify=False` skips hashing the weights file (graph and
         tokenizer files are always checked)."""
         device = select_device(device)
-        ms.set_context(device_target=device)
         loaded = Artifacts(artifacts, verify=verify)
         refuse_bfloat16_on_cpu(loaded.dtype, device)
         return cls(loaded, device)
 
     def generate(self, prompt: str, images: Sequence[ImageInput] = (), videos: Sequence[VideoInput] = (),
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None) -> Output:
+                 seed: int | None = None, keep_logits: bool = False) -> Output:
         out = Output()
-        for _ in self._stream(out, prompt, images, videos, max_new_tokens, Sampling(temperature, top_p, top_k, seed)):
+        for _ in self._stream(out, prompt, images, videos, max_new_tokens, Sampling(temperature, top_p, top_k, seed),
+                              keep_logits):
             pass
         return out
 
@@ -74,7 +74,7 @@ class Runtime:
                                 Sampling(temperature, top_p, top_k, seed))
 
     def _stream(self, out: Output, prompt: str, images: Sequence[ImageInput], videos: Sequence[VideoInput],
-                max_new_tokens: int, sampling: Sampling) -> Iterator[str]:
+                max_new_tokens: int, sampling: Sampling, keep_logits: bool = False) -> Iterator[str]:
         if max_new_tokens < 1:
             raise RequestError(f"max_new_tokens is {max_new_tokens}; ask for at least 1 token")
         start, loaded_before = time.perf_counter(), self.artifacts.graph_load_ms
@@ -112,6 +112,8 @@ class Runtime:
         for slot in range(length, length + max_new_tokens):
             token = next_token(logits[0, -1], sampling, rng)
             out.token_ids.append(token)
+            if keep_logits:
+                out.logits.append(logits[0, -1])
             if token in stop:
                 break
             piece = decoder.push(token)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,9 +18,11 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+        # Written so that NaN fails every check.
+        if not 0 <= self.temperature < math.inf or not 0 < self.top_p <= 1 or not self.top_k >= 0:
             raise RequestError(f"sampling settings temperature={self.temperature}, top_p={self.top_p}, "
-                               f"top_k={self.top_k} are invalid: use temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+                               f"top_k={self.top_k} are invalid: use a finite temperature >= 0, 0 < top_p <= 1, "
+                               f"top_k >= 0")
 
 
 def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:

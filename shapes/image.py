@@ -30,7 +30,8 @@ from mindvl.errors import CheckpointError, MediaError
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Below PIL's own bomb threshold (~89 MP), so our header check is the one users meet first.
+# Below PIL's own bomb limits (a warning past ~89 MP, an error at open past ~179 MP, both turned into a
+# MediaError): this lower limit is checked from the header first.
 MAX_DECODED_PIXELS = 8192 * 8192
 
 # transformers refuses anything flatter than this; so do we, with our own error type.

@@ -78,12 +78,23 @@ class Manifest:
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{path} lacks {e}; re-export the artifacts") from None
 
-    def check_file(self, folder: Path, relative: str) -> Path:
-        """The file's path once its size and sha256 match the manifest."""
+    def check_made_by(self, folder: Path, mindspore_version: str) -> None:
+        """Refuse graphs made by another MindSpore major version (MindIR loads across minor versions)."""
+        def major(version: str) -> int | None:
+            head = version.split(".")[0]
+            return int(head) if head.isdigit() else None
+
+        made_with = self.mindspore_version
+        if major(made_with) is None or major(made_with) != major(mindspore_version):
+            raise ArtifactError(f"{folder} was exported with MindSpore {made_with}; this is MindSpore "
+                                f"{mindspore_version}: re-export with this MindSpore")
+
+    def check_file(self, folder: Path, relative: str, rehash: bool = True) -> Path:
+        """The file's path once its size and (with `rehash`) its sha256 match the manifest."""
         path, expected = folder / relative, self.files[relative]
         if not path.is_file():
             raise ArtifactError(f"{relative} is missing from {folder}: the artifact folder is incomplete; re-export it")
-        if path.stat().st_size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+        if path.stat().st_size != expected["bytes"] or (rehash and file_sha256(path) != expected["sha256"]):
             raise ArtifactError(f"{relative} in {folder} does not match its sha256 in {MANIFEST} (corrupt or "
                                 f"modified); re-export the artifacts")
         return path

@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from mindvl.errors import MediaError
-from mindvl.shapes.buckets import BucketSpec, ImageChoice, VideoChoice, choose_image_bucket, choose_video_bucket
+from mindvl.shapes.buckets import (BucketError, BucketSpec, ImageChoice, VideoChoice, choose_image_bucket,
+                                   choose_video_bucket)
 from mindvl.shapes.image import ProcessorConfig, load_image, prepare_frame, preprocess_images, to_patches
 from mindvl.shapes.prompt import Tokenizer, build_prompt, expand_vision_pads
 from mindvl.shapes.video import load_video, preprocess_video, read_video
@@ -57,13 +58,13 @@ class Prepared:
 
 
 def _named(item: object, load: Callable[[], tuple]) -> tuple:
-    """Run `load`, making sure a media error names the file it is about."""
+    """Run `load`, making sure a media error (or a bucket that does not fit it) names the file it is about."""
     try:
         return load()
-    except MediaError as e:
+    except (MediaError, BucketError) as e:
         if not isinstance(item, (str, Path)) or str(item) in str(e):
             raise
-        raise MediaError(f"{item}: {e}") from None
+        raise type(e)(f"{item}: {e}") from None
 
 
 class Processor:

@@ -50,7 +50,59 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     generate.add_argument("--json", action="store_true", help="print one JSON object with ids, buckets, timings")
     generate.add_argument("--device", choices=("CPU", "Ascend"), default=None)
+    bench = sub.add_parser("bench", help="runtime vs graph vs pynative vs transformers on one workload, "
+                                         "against the memory roofline")
+    bench.add_argument("target", metavar="MODEL_DIR_OR_ARTIFACTS")
+    bench.add_argument("--modes", default="runtime,graph,pynative,transformers",
+                       help="comma-separated subset of runtime,graph,pynative,transformers")
+    bench.add_argument("--model", help="the model folder, when TARGET is an artifact folder and other modes run")
+    bench.add_argument("--image", help="image file (default: a 448x448 sample)")
+    bench.add_argument("--prompt-tokens", type=int, default=32, help="length of the question in tokens")
+    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=3, help="generations per mode, interleaved across modes")
+    which = bench.add_mutually_exclusive_group()
+    which.add_argument("--buckets", help="bucket spec YAML for the runtime's export (default: fitted to the workload)")
+    which.add_argument("--preset", help="bucket preset for the runtime's export")
+    bench.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    bench.add_argument("--workdir", help="where exports and inputs go (default: a temporary folder)")
+    bench.add_argument("--json", help="write the report as JSON to this file")
+    bench.add_argument("--plot", help="write a PNG plot to this file")
+    bench.add_argument("--device", choices=("CPU", "Ascend"), default=None)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (POST /v1/chat/completions) over "
+                                         "exported artifacts")
+    serve.add_argument("artifacts")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                                                           "only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--media-dir", help="folder whose files requests may name as images and videos")
+    serve.add_argument("--max-concurrency", type=int, default=64,
+                       help="requests in flight (queued or generating) before a 429 (default: 64)")
+    serve.add_argument("--api-key", default=os.environ.get("MINDVL_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $MINDVL_API_KEY, else no key)")
+    serve.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (default: refuse)")
+    serve.add_argument("--model-name", help="the model id clients send (default: the artifact folder's name)")
+    serve.add_argument("--max-body-mb", type=float, default=20, help="largest request body (default: 20)")
+    serve.add_argument("--request-timeout", type=float, default=30,
+                       help="seconds a client may take to send a request's headers, then its body (default: 30)")
+    serve.add_argument("--device", choices=("CPU", "Ascend"), default=None)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from mindvl.benchmark import format_table, plot, run_bench
+    from mindvl.shapes.buckets import BucketSpec
+
+    spec = BucketSpec.from_yaml(args.buckets) if args.buckets else BucketSpec.preset(args.preset) if args.preset else None
+    report = run_bench(args.target, tuple(m.strip() for m in args.modes.split(",") if m.strip()), args.image,
+                       args.prompt_tokens, args.new_tokens, spec, args.repeats, args.dtype, args.model, args.workdir,
+                       args.device)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.plot:
+        plot(report, args.plot)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -103,6 +155,15 @@ def main(argv: list[str] | None = None) -> int:
             print(inspect_artifacts(args.artifacts, verify=args.verify))
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "bench":
+            _bench(args)
+        elif args.command == "serve":
+            from mindvl.serve import serve
+
+            serve(args.artifacts, host=args.host, port=args.port, media_dir=args.media_dir,
+                  max_concurrency=args.max_concurrency, api_key=args.api_key,
+                  allow_remote_media=args.allow_remote_media, model_name=args.model_name,
+                  max_body_mb=args.max_body_mb, request_timeout=args.request_timeout, device=args.device)
         return 0
     except MindVLError as e:
         if args.debug:

@@ -13,6 +13,10 @@ class MediaError(MindVLError):
     """An image or video cannot be read or is out of bounds."""
 
 
+class MediaTooLargeError(MediaError):
+    """An image has more pixels than may be decoded (checked from its header, before decoding)."""
+
+
 class UnsupportedError(MindVLError):
     """A request the backend or the model cannot serve (architecture, dtype on this device)."""
 

@@ -11,6 +11,17 @@ from mindspore import Tensor, ops
 from mindspore import dtype as mstype
 
 _matmul_t = ops.MatMul(transpose_b=True)
+_bias_add = ops.BiasAdd()
+
+
+def full(a: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """`a` broadcast to `shape`, explicitly.
+
+    Measured on MindSpore 2.10's CPU backend: a binary op that broadcasts implicitly keeps its output buffer for
+    the whole graph run (a 32-block vision encoder at 1024 patches grew by ~20 GB), while the same op on an
+    explicit `broadcast_to` frees it as usual. Every broadcasting op in the cells goes through here.
+    """
+    return ops.broadcast_to(a, shape)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -18,23 +29,23 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     lead = x.shape[:-1]
     y = _matmul_t(x.reshape(-1, x.shape[-1]), weight)
     if bias is not None:
-        y = y + bias
+        y = _bias_add(y, bias)  # a dedicated op: see `full`
     return y.reshape(lead + (weight.shape[0],))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     # Statistics in float32 whatever the model dtype, as the reference does.
     h = x.astype(mstype.float32)
-    h = h * ops.rsqrt(ops.mean(h * h, -1, keep_dims=True) + eps)
-    return weight * h.astype(x.dtype)
+    h = h * full(ops.rsqrt(ops.mean(h * h, -1, keep_dims=True) + eps), h.shape)
+    h = h.astype(x.dtype)
+    return full(weight, h.shape) * h
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
     h = x.astype(mstype.float32)
-    mean = ops.mean(h, -1, keep_dims=True)
-    centred = h - mean
-    var = ops.mean(centred * centred, -1, keep_dims=True)
-    return (centred * ops.rsqrt(var + eps)).astype(x.dtype) * weight + bias
+    centred = h - full(ops.mean(h, -1, keep_dims=True), h.shape)
+    normed = (centred * full(ops.rsqrt(ops.mean(centred * centred, -1, keep_dims=True) + eps), h.shape)).astype(x.dtype)
+    return normed * full(weight, normed.shape) + full(bias, normed.shape)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -43,7 +54,7 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + rotate_half(x) * sin
+    return x * full(cos, x.shape) + rotate_half(x) * full(sin, x.shape)
 
 
 def quick_gelu(x: Tensor) -> Tensor:

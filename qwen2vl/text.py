@@ -16,7 +16,7 @@ from mindspore import Tensor, nn, ops
 from mindspore import dtype as mstype
 
 from mindvl.shapes.config import TextConfig
-from mindvl.qwen2vl.layers import apply_rotary, linear, rms_norm, silu, softmax_f32
+from mindvl.qwen2vl.layers import apply_rotary, full, linear, rms_norm, silu, softmax_f32
 
 WEIGHTS_PER_LAYER = 12
 _bmm = ops.BatchMatMul()
@@ -76,7 +76,8 @@ class TextStep(nn.Cell):
         values = values.reshape(b, kvh, -1, d)
         # Query heads of one kv head are stacked along the rows, so GQA needs no copy of the cache.
         q = q.reshape(b, s, kvh, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, groups * s, d)
-        scores = (_bmm_t(q, keys) * self.scale).reshape(b, kvh, groups, s, -1) + mask.reshape(b, 1, 1, s, -1)
+        scores = (_bmm_t(q, keys) * self.scale).reshape(b, kvh, groups, s, -1)
+        scores = scores + full(mask.reshape(b, 1, 1, s, -1), scores.shape)
         probs = softmax_f32(scores, x.dtype).reshape(b, kvh, groups * s, -1)
         out = _bmm(probs, values).reshape(b, kvh, groups, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, -1)
         return linear(out, w[6])
@@ -88,7 +89,8 @@ class TextStep(nn.Cell):
         keys, values, weights = tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:]
         b, s = embeds.shape[0], embeds.shape[1]
         cos, sin = self.rotary(position_ids, embeds.dtype)
-        rows = self.row_base + cache_positions.reshape(b, 1, s)
+        rows_shape = (b, cfg.num_key_value_heads, s)
+        rows = full(self.row_base, rows_shape) + full(cache_positions.reshape(b, 1, s), rows_shape)
         x = embeds
         for i in range(layers):
             w = weights[i * WEIGHTS_PER_LAYER: (i + 1) * WEIGHTS_PER_LAYER]

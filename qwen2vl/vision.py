@@ -13,7 +13,7 @@ from mindspore import Tensor, nn, ops
 from mindspore import dtype as mstype
 
 from mindvl.shapes.config import VisionConfig
-from mindvl.qwen2vl.layers import apply_rotary, layer_norm, linear, quick_gelu, softmax_f32
+from mindvl.qwen2vl.layers import apply_rotary, full, layer_norm, linear, quick_gelu, softmax_f32
 
 WEIGHTS_PER_BLOCK = 12
 _bmm = ops.BatchMatMul()
@@ -36,7 +36,8 @@ class VisionEncoder(nn.Cell):
         q = apply_rotary(qkv[:, 0].astype(mstype.float32), cos, sin).astype(x.dtype).transpose(1, 0, 2)
         k = apply_rotary(qkv[:, 1].astype(mstype.float32), cos, sin).astype(x.dtype).transpose(1, 0, 2)
         v = qkv[:, 2].transpose(1, 0, 2)
-        probs = softmax_f32(_bmm_t(q, k) * self.scale + mask, x.dtype)
+        scores = _bmm_t(q, k) * self.scale
+        probs = softmax_f32(scores + full(mask, scores.shape), x.dtype)
         out = _bmm(probs, v).transpose(1, 0, 2).reshape(n, -1)
         return linear(out, w[2], w[3])
 

@@ -3,6 +3,8 @@
     prompt, images, videos ──Processor (bucket policy)──▶ token ids + patches per image/video
         ──vision_{H}x{W} / video_{T}x{H}x{W}──▶ visual tokens, placed at the pad positions of the embeddings
         ──prefill_b1_s{S}_c{C}──▶ first token ──decode_b1_c{C} × n──▶ tokens ──▶ text
+
+One request is a batch of one (`runtime/batch.py`); `mindvl serve` batches several through the same code.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import numpy as np
 from mindvl.device import refuse_bfloat16_on_cpu, select_device
 from mindvl.errors import RequestError
 from mindvl.runtime.artifacts import Artifacts
+from mindvl.runtime.batch import Batch, Generation, Prompt
 from mindvl.runtime.detokenize import StreamDecoder
-from mindvl.runtime.sampling import Sampling, next_token
+from mindvl.runtime.sampling import Sampling
 from mindvl.shapes.buckets import BucketSpec, choose_text_buckets
-from mindvl.shapes.graphs import text_graph, vision_graph
+from mindvl.shapes.graphs import vision_graph
 from mindvl.shapes.processor import ImageInput, Prepared, Processor, VideoInput
 from mindvl.shapes.rope_index import rope_index
-from mindvl.shapes.text_inputs import attention_mask, place_visual
+from mindvl.shapes.text_inputs import place_visual
 from mindvl.shapes.vision_inputs import block_mask, frame_lengths, vision_rotary
 
 
@@ -38,6 +41,7 @@ class Output:
     # counted inside vision and prefill)
     timings: dict[str, float] = field(default_factory=dict)
     logits: list[np.ndarray] = field(default_factory=list)  # [vocab] per generated token, with keep_logits=True
+    decode_steps_ms: list[float] = field(default_factory=list)  # every decode step's time
 
 
 class Runtime:
@@ -80,63 +84,48 @@ class Runtime:
         start, loaded_before = time.perf_counter(), self.artifacts.graph_load_ms
         prepared = self.processor.prepare(prompt, images, videos)
         out.timings["preprocess"] = (time.perf_counter() - start) * 1e3
-        input_ids = prepared.input_ids
-        length = input_ids.shape[1]
+        length = prepared.input_ids.shape[1]
         text = choose_text_buckets(length, max_new_tokens, self.buckets)
-        prefill = text_graph(self.config, 1, text.prefill, text.cache, self.artifacts.dtype)
-        decode = text_graph(self.config, 1, 1, text.cache, self.artifacts.dtype)
+        batch = Batch(self.artifacts, 1, text.cache, self.buckets.prefill)
+        prefill, decode = batch.graph_names(length)
         out.prompt_tokens = length
-        out.buckets = {"prefill": prefill.name, "decode": decode.name, "prefill_padding_tokens": text.padding_tokens,
+        out.buckets = {"prefill": prefill, "decode": decode, "prefill_padding_tokens": text.padding_tokens,
                        "inputs": [v.choice.describe() for v in prepared.visuals]}
 
         begin = time.perf_counter()
-        embeds, vision_graphs = self._embed(prepared)
-        out.buckets["vision"] = vision_graphs
+        encoded = self.encode(prepared)
+        out.buckets["vision"] = encoded.vision_graphs
         out.timings["vision"] = (time.perf_counter() - begin) * 1e3
 
-        begin = time.perf_counter()
-        position_ids, rope_deltas = self._positions(prepared)
-        slots = np.arange(text.prefill)[None]
-        key_valid = np.arange(text.cache)[None] < length
-        logits = self.artifacts.run(prefill, {
-            "embeds": np.pad(embeds, ((0, 0), (0, text.prefill - length), (0, 0))),
-            "position_ids": np.pad(position_ids, ((0, 0), (0, 0), (0, text.prefill - length))),
-            "cache_positions": slots, "mask": attention_mask(key_valid, slots, self.np_dtype),
-            "logits_index": np.array([[length - 1]])})
-        out.timings["prefill"] = (time.perf_counter() - begin) * 1e3
-
-        rng = np.random.default_rng(sampling.seed)
-        decoder = StreamDecoder(lambda ids: self.processor.tokenizer.decode(ids, skip_special_tokens=True))
-        stop = set(self.processor.tokenizer.eos_token_ids)
-        steps = []
-        for slot in range(length, length + max_new_tokens):
-            token = next_token(logits[0, -1], sampling, rng)
-            out.token_ids.append(token)
-            if keep_logits:
-                out.logits.append(logits[0, -1])
-            if token in stop:
-                break
-            piece = decoder.push(token)
+        generation = self.new_generation(encoded, max_new_tokens, sampling, keep_logits)
+        out.token_ids, out.logits = generation.token_ids, generation.logits  # filled as tokens come
+        [(_, piece)] = batch.add([generation])
+        out.timings["prefill"] = batch.call_ms
+        steps = out.decode_steps_ms
+        while True:
             if piece:
                 yield piece
-            if slot == length + max_new_tokens - 1:
+            if generation.finish:
                 break
-            begin = time.perf_counter()
-            key_valid[:, slot] = True
-            logits = self.artifacts.run(decode, {
-                "embeds": self.artifacts.embed[[[token]]],
-                "position_ids": np.full((3, 1, 1), slot) + rope_deltas.reshape(1, 1, 1),
-                "cache_positions": np.array([[slot]]),
-                "mask": attention_mask(key_valid, np.array([[slot]]), self.np_dtype),
-                "logits_index": np.zeros((1, 1))})
-            steps.append((time.perf_counter() - begin) * 1e3)
-        piece = decoder.flush()
-        if piece:
-            yield piece
-        out.text = decoder.emitted
+            [(_, piece)] = batch.step()
+            steps.append(batch.call_ms)
+        out.text = generation.text
         out.timings["decode_per_token"] = median(steps) if steps else 0.0
         out.timings["graph_load"] = self.artifacts.graph_load_ms - loaded_before  # within vision and prefill
         out.timings["total"] = (time.perf_counter() - start) * 1e3
+
+    def encode(self, prepared: Prepared) -> Prompt:
+        """Run the vision graphs and place their output: the prompt as the text graphs take it."""
+        embeds, vision_graphs = self._embed(prepared)
+        position_ids, rope_deltas = self._positions(prepared)
+        return Prompt(embeds[0], position_ids[:, 0], int(rope_deltas[0, 0]), vision_graphs)
+
+    def new_generation(self, prompt: Prompt, max_new_tokens: int, sampling: Sampling,
+                     keep_logits: bool = False) -> Generation:
+        """A generation of `prompt` for a `Batch`: greedy or sampled, ending on the model's end tokens."""
+        tokenizer = self.processor.tokenizer
+        decoder = StreamDecoder(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+        return Generation(prompt, max_new_tokens, sampling, decoder, frozenset(tokenizer.eos_token_ids), keep_logits)
 
     def _embed(self, prepared: Prepared) -> tuple[np.ndarray, list[str]]:
         """Token embeddings with each image's and video's visual tokens over its pad tokens."""

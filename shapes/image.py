@@ -20,12 +20,12 @@ import math
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, BinaryIO, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mindvl.errors import CheckpointError, MediaError
+from mindvl.errors import CheckpointError, MediaError, MediaTooLargeError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -131,14 +131,19 @@ def load_image(path: Union[str, Path], max_pixels_decoded: int = MAX_DECODED_PIX
     """
     path = Path(path)
     require_file(path, "image")
+    return decode_image(path, str(path), max_pixels_decoded)
+
+
+def decode_image(source: Union[Path, BinaryIO], name: str, max_pixels_decoded: int = MAX_DECODED_PIXELS) -> Image.Image:
+    """`load_image` of a file or of an open binary stream (bytes a server received); errors call it `name`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if width * height > max_pixels_decoded:
-                    raise MediaError(
-                        f"{path}: image is {width}x{height} = {width * height} pixels, more than the "
+                    raise MediaTooLargeError(
+                        f"{name}: image is {width}x{height} = {width * height} pixels, more than the "
                         f"{max_pixels_decoded} allowed; downscale it first"
                     )
                 img.load()
@@ -146,11 +151,12 @@ def load_image(path: Union[str, Path], max_pixels_decoded: int = MAX_DECODED_PIX
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise MediaError(f"{path}: image is too large to decode safely ({one_line(e)}); downscale it first") from None
+        raise MediaTooLargeError(f"{name}: image is too large to decode safely ({one_line(e)}); downscale it "
+                                 f"first") from None
     except UnidentifiedImageError:
-        raise MediaError(f"{path}: not an image PIL can read; convert it to PNG or JPEG") from None
+        raise MediaError(f"{name}: not an image PIL can read; convert it to PNG or JPEG") from None
     except Exception as e:  # PIL's decoders report corrupt data as OSError, SyntaxError, EOFError, zlib.error...
-        message = f"{path}: image is corrupt or truncated ({one_line(e)}); re-export or re-download it"
+        message = f"{name}: image is corrupt or truncated ({one_line(e)}); re-export or re-download it"
         raise MediaError(message) from None
 
 

@@ -19,7 +19,7 @@ from mindvl.errors import MediaError
 from mindvl.shapes.buckets import (BucketError, BucketSpec, ImageChoice, VideoChoice, choose_image_bucket,
                                    choose_video_bucket)
 from mindvl.shapes.image import ProcessorConfig, load_image, prepare_frame, preprocess_images, to_patches
-from mindvl.shapes.prompt import Tokenizer, build_prompt, expand_vision_pads
+from mindvl.shapes.prompt import Tokenizer, chat_prompt, expand_vision_pads, user_turn
 from mindvl.shapes.video import load_video, preprocess_video, read_video
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -80,10 +80,16 @@ class Processor:
         return self.prepare(text, images, videos).model_inputs()
 
     def prepare(self, text: str, images: Sequence[ImageInput] = (), videos: Sequence[VideoInput] = ()) -> Prepared:
+        return self.prepare_chat([user_turn(text, len(images), len(videos))], images, videos)
+
+    def prepare_chat(self, messages: Sequence[dict], images: Sequence[ImageInput] = (),
+                     videos: Sequence[VideoInput] = ()) -> Prepared:
+        """A conversation in the chat template's form (see `chat_prompt`); its {"type": "image"} and
+        {"type": "video"} parts take `images` and `videos`, in order."""
         visuals = [_named(i, lambda i=i: self._image(i)) for i in images]
         visuals += [_named(v, lambda v=v: self._video(v)) for v in videos]
         pads = Prepared(np.zeros((1, 0), np.int64), tuple(visuals))
-        prompt = build_prompt(self.folder, text, len(images), len(videos))
+        prompt = chat_prompt(self.folder, messages)
         prompt = expand_vision_pads(prompt, pads.grid_thw("image"), pads.grid_thw("video"), self.config.merge_size)
         return Prepared(self.tokenizer.encode(prompt)[None], tuple(visuals))
 

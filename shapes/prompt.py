@@ -31,16 +31,27 @@ _PADS = re.compile(f"({re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)})")
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")
 
 
+def user_turn(text: str, n_images: int, n_videos: int) -> dict:
+    """One user message in the chat template's form: images, then videos, then the text."""
+    content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": text}]
+    return {"role": "user", "content": content}
+
+
 def build_prompt(tokenizer_dir: str | os.PathLike, text: str, n_images: int, n_videos: int) -> str:
     """One user turn (images, then videos, then the text) through the folder's chat template, with the
     generation prompt: what `processor.apply_chat_template(..., add_generation_prompt=True)` returns."""
+    return chat_prompt(tokenizer_dir, [user_turn(text, n_images, n_videos)])
+
+
+def chat_prompt(tokenizer_dir: str | os.PathLike, messages: Sequence[dict]) -> str:
+    """A whole conversation (role/content messages; content a string or a list of {"type": "text" | "image" |
+    "video"} parts) through the folder's chat template, with the generation prompt."""
     folder = Path(tokenizer_dir)
     tokenizer_config = _optional_json(folder / "tokenizer_config.json")
-    content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": text}]
     special = {key: _token_text(tokenizer_config[key]) for key in _SPECIAL_TOKEN_KEYS if tokenizer_config.get(key)}
     template = _compile(_chat_template(folder, tokenizer_config))
     return template.render(
-        messages=[{"role": "user", "content": content}],
+        messages=list(messages),
         tools=None,
         documents=None,
         add_generation_prompt=True,

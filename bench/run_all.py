@@ -1,0 +1,105 @@
+"""Run every `mindvl bench` workload and refresh the generated section of BENCHMARKS.md.
+
+    python bench/run_all.py                 # tiny model + 2B shapes with 4 decoder layers
+    python bench/run_all.py --layers 28     # the 2B workload at its full depth (~9 GB fp32) instead of 4 layers
+
+Workloads: the tiny random model; the published Qwen2-VL-2B shapes with random weights, decoder cut to
+`--layers`, one 448x448 image and a 32-token question, 64 new tokens. JSON reports and plots go to
+bench/results/; the targets are recomputed from them each time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BEGIN, END = "<!-- bench/run_all.py: begin -->", "<!-- bench/run_all.py: end -->"
+
+
+def bench(name: str, model: Path, extra: list[str], work: Path) -> dict:
+    report, plot = RESULTS / f"{name}.json", RESULTS / f"{name}.png"
+    options = ["--json", str(report.relative_to(ROOT)), "--plot", str(plot.relative_to(ROOT)), *extra]
+    print(f"$ mindvl bench {model} {' '.join(options)}", flush=True)
+    subprocess.run([sys.executable, "-m", "mindvl.cli", "bench", str(model), *options, "--workdir", str(work / name)],
+                   check=True, cwd=ROOT)
+    return {"command": f"mindvl bench MODEL_DIR {' '.join(options)}", **json.loads(report.read_text())}
+
+
+def table(report: dict) -> list[str]:
+    rows = ["| mode | export / warm-up s | cold start s | vision ms | prefill ms | TTFT ms | decode ms/token p50 / p90 "
+            "| tokens/s | peak RSS GB | × roofline |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        setup = r.get("export_s") or r["warmup_s"]
+        rows.append(f"| {r['mode']} | {setup:.1f} | {r['cold_start_s']:.2f} | {r['vision_ms']:.1f} | "
+                    f"{r['prefill_ms']:.1f} | {r['ttft_ms']:.1f} | {r['decode_ms_p50']:.2f} / {r['decode_ms_p90']:.2f} | "
+                    f"{r['tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['decode_vs_roofline']:.2f} |")
+    return rows
+
+
+def targets(report: dict, big: bool) -> list[str]:
+    by = {r["mode"]: r for r in report["results"]}
+    rt = by["runtime"]
+    checks = []
+
+    def check(label: str, value: float, limit: float, below: bool = True) -> None:
+        ok = value <= limit if below else value >= limit
+        checks.append(f"- {label}: {value:.2f} ({'≤' if below else '≥'} {limit}) — **{'met' if ok else 'missed'}**")
+
+    if big:
+        check("runtime decode / roofline", rt["decode_vs_roofline"], 1.3)
+        if "transformers" in by:
+            check("runtime decode / transformers decode", rt["decode_ms_p50"] / by["transformers"]["decode_ms_p50"], 0.7)
+            check("runtime TTFT / transformers TTFT", rt["ttft_ms"] / by["transformers"]["ttft_ms"], 1.0)
+    if "pynative" in by:
+        check("pynative decode / runtime decode", by["pynative"]["decode_ms_p50"] / rt["decode_ms_p50"], 3 if big else 10,
+              below=False)
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--workdir", default="/tmp/mindvl-bench")
+    args = parser.parse_args()
+
+    from mindvl.fixtures import write_checkpoint
+
+    work = Path(args.workdir)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tiny = write_checkpoint(work / "tiny", "tiny")
+    two_b = write_checkpoint(work / f"2b-{args.layers}layers", "2b-shapes", num_hidden_layers=args.layers)
+    reports = {
+        "tiny": bench("tiny", tiny, [], work),
+        f"2b-{args.layers}layers": bench(f"2b-{args.layers}layers", two_b, ["--prompt-tokens", "32", "--new-tokens", "64"],
+                                         work),
+    }
+    lines = [BEGIN, ""]
+    for name, report in reports.items():
+        m, w = report["machine"], report["workload"]
+        lines += [f"### {name}: {report['model']['layers']} decoder layers, hidden {report['model']['hidden_size']}, "
+                  f"{report['model']['dtype']}", "",
+                  f"Command: `{report['command']}` — {report['date']}, {m['cpu']}, {m['cores']} cores, "
+                  f"{m['memory_gib']:.0f} GiB, MindSpore {m['mindspore']}, torch {m['torch']}.",
+                  f"Workload: {w['image']} in bucket {w['image_bucket']}, {w['prompt_tokens']} prompt tokens "
+                  f"({w['question_tokens']}-token question), {w['new_tokens']} new tokens, {w['repeats']} interleaved "
+                  f"repeats. Roofline: {report['decode_step_bytes'] / 2**20:,.1f} MB per decode step at "
+                  f"{report['bandwidth_gb_s']:.1f} GB/s = {report['roofline_decode_ms']:.2f} ms/token.", "",
+                  *table(report), "", *targets(report, big=name != "tiny"), "",
+                  f"![{name}](bench/results/{name}.png)", ""]
+    lines.append(END)
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    section = "\n".join(lines)
+    text = text[:start] + section + text[end + len(END):] if start >= 0 and end > start else text + "\n" + section + "\n"
+    path.write_text(text)
+    print(f"refreshed {path}")
+
+
+if __name__ == "__main__":
+    main()

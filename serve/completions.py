@@ -1,0 +1,192 @@
+"""POST /v1/chat/completions: parse, preprocess off the event loop, queue for the worker, then stream the tokens as
+server-sent events or collect them into one response.
+
+    body ─parse_request─▶ ChatRequest ─thread: media, chat template, buckets─▶ Job ─Scheduler─▶ Token… Done
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator, Callable
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from mindvl.errors import MindVLError
+from mindvl.runtime import Runtime
+from mindvl.runtime.sampling import Sampling
+from mindvl.serve.errors import ServeError, from_mindvl
+from mindvl.serve.media import MediaPolicy
+from mindvl.serve.metrics import Metrics
+from mindvl.serve.responses import DONE, Envelope, StopText, sse
+from mindvl.serve.scheduler import Done, Job, Scheduler, Token
+from mindvl.serve.schema import ChatRequest, Message, parse_request
+
+
+class Completions:
+    def __init__(self, runtime: Runtime, scheduler: Scheduler, metrics: Metrics, media: MediaPolicy,
+                 model_name: str, max_in_flight: int) -> None:
+        self.runtime, self.scheduler, self.metrics, self.media = runtime, scheduler, metrics, media
+        self.model_name, self.max_in_flight = model_name, max_in_flight
+        self.in_flight = 0  # requests past parsing and not yet answered; only touched on the event loop
+
+    async def __call__(self, request: Request) -> Response:
+        arrived = time.perf_counter()
+        chat = parse_request(await request.body())
+        if chat.model != self.model_name:
+            raise ServeError(404, f"model {chat.model[:100]!r} does not exist; this server serves "
+                                  f"{self.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
+        if self.in_flight >= self.max_in_flight:
+            raise ServeError(429, f"the server has {self.in_flight} requests in flight, its limit "
+                                  "(--max-concurrency); retry after the time in Retry-After",
+                             code="queue_full", headers={"Retry-After": "1"})
+        self.in_flight += 1
+        job: Job | None = None
+        streaming = False
+
+        def close() -> None:
+            self.in_flight -= 1
+            self.metrics.observe("mindvl_request_duration_seconds", time.perf_counter() - arrived)
+            if job is not None:
+                job.cancelled = True  # a no-op once the job is done; else the worker frees its row
+
+        try:
+            job = await anyio.to_thread.run_sync(self._job, chat, asyncio.get_running_loop())
+            self.scheduler.submit(job)
+            envelope = Envelope(self.model_name)
+            if chat.stream:
+                streaming = True  # from here the stream closes the job when it ends, however it ends
+                return EventStream(self._chunks(job, chat, envelope, arrived), on_close=close)
+            return JSONResponse(await self._collect(job, chat, envelope, arrived, request.receive))
+        finally:
+            if not streaming:
+                close()
+
+    def _job(self, chat: ChatRequest, loop: asyncio.AbstractEventLoop) -> Job:
+        """Fetch the media, apply the chat template and check the token budget: everything but the graphs."""
+        messages, images, videos = self._conversation(chat.messages)
+        try:
+            prepared = self.runtime.processor.prepare_chat(messages, images, videos)
+        except MindVLError as e:
+            raise from_mindvl(e, "messages") from None
+        length, buckets = prepared.input_ids.shape[1], self.runtime.buckets
+        if length > buckets.prefill[-1]:
+            raise ServeError(400, f"the prompt is {length} tokens, longer than this server's longest prompt "
+                                  f"({buckets.prefill[-1]} tokens); shorten it or send fewer or smaller images",
+                             param="messages", code="context_length_exceeded")
+        max_new = chat.token_limit or max(1, buckets.cache[-1] - length)
+        if length + max_new > buckets.cache[-1]:
+            raise ServeError(400, f"the prompt ({length} tokens) + max_tokens ({max_new}) is more than this "
+                                  f"server's largest KV cache ({buckets.cache[-1]} tokens); lower max_tokens to "
+                                  f"<= {buckets.cache[-1] - length}", param="max_tokens",
+                             code="context_length_exceeded")
+        return Job(prepared, max_new, Sampling(chat.temperature, chat.top_p, 0, chat.seed), loop)
+
+    def _conversation(self, messages: list[Message]) -> tuple[list[dict], list, list]:
+        """The messages in the chat template's form, and the images and videos their parts refer to, in order."""
+        turns, images, videos = [], [], []
+        for i, message in enumerate(messages):
+            role = "system" if message.role == "developer" else message.role  # OpenAI's newer name for system
+            if isinstance(message.content, str):
+                turns.append({"role": role, "content": message.content})
+                continue
+            parts = []
+            for j, part in enumerate(message.content):
+                where = f"messages[{i}].content[{j}]"
+                if part.type == "text":
+                    parts.append({"type": "text", "text": part.text})
+                elif part.type == "image_url":
+                    images.append(self.media.image(part.image_url.url, where))
+                    parts.append({"type": "image"})
+                else:
+                    videos.append(self.media.video(part.video_url.url, where))
+                    parts.append({"type": "video"})
+            turns.append({"role": role, "content": parts})
+        return turns, images, videos
+
+    async def _tokens(self, job: Job, arrived: float) -> AsyncIterator[Token | Done]:
+        """The job's tokens then its Done, timed for the metrics; raises the job's error."""
+        last = None
+        while True:
+            event = await job.events.get()
+            if isinstance(event, ServeError):
+                raise event
+            if isinstance(event, Token):
+                now = time.perf_counter()
+                if last is None:
+                    self.metrics.observe("mindvl_time_to_first_token_seconds", now - arrived)
+                else:
+                    self.metrics.observe("mindvl_time_per_output_token_seconds", now - last)
+                last = now
+            yield event
+            if isinstance(event, Done):
+                return
+
+    async def _collect(self, job: Job, chat: ChatRequest, envelope: Envelope, arrived: float,
+                       receive: Receive) -> dict:
+        watcher = asyncio.create_task(_until_disconnect(receive, job))
+        try:
+            stops, text, count, finish = StopText(chat.stops), [], 0, "length"
+            async for event in self._tokens(job, arrived):
+                if isinstance(event, Done):
+                    finish = event.finish_reason
+                    text.append(stops.flush())
+                    break
+                count += 1
+                text.append(stops.push(event.text))
+                if stops.stopped:
+                    finish = "stop"
+                    break
+            return envelope.completion("".join(text), finish, job.prompt_tokens, count)
+        finally:
+            watcher.cancel()
+
+    async def _chunks(self, job: Job, chat: ChatRequest, envelope: Envelope, arrived: float) -> AsyncIterator[bytes]:
+        yield envelope.chunk({"role": "assistant", "content": ""})
+        stops, count, finish = StopText(chat.stops), 0, "length"
+        try:
+            async for event in self._tokens(job, arrived):
+                if isinstance(event, Done):
+                    finish, piece = event.finish_reason, stops.flush()
+                else:
+                    count += 1
+                    piece = stops.push(event.text)
+                    finish = "stop" if stops.stopped else finish
+                if piece:
+                    yield envelope.chunk({"content": piece})
+                if isinstance(event, Done) or stops.stopped:
+                    break
+        except ServeError as e:  # the status line is sent already: the error goes in the stream, as OpenAI does
+            yield sse(e.body())
+            yield DONE
+            return
+        yield envelope.chunk({}, finish)
+        if chat.stream_options and chat.stream_options.include_usage:
+            yield envelope.usage_chunk(job.prompt_tokens, count)
+        yield DONE
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that call `on_close` when the stream ends however it ends: finished, failed, or the
+    client gone (Starlette then cancels the stream)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def _until_disconnect(receive: Receive, job: Job) -> None:
+    """Once the body is read, the next ASGI message is the disconnect: then stop the job and wake its reader."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled = True
+    job.events.put_nowait(ServeError(499, "the client closed the connection"))

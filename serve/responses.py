@@ -1,0 +1,69 @@
+"""OpenAI's response shapes (a completion, a stream chunk, usage), server-sent events, and stop strings."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What every response and chunk of one completion repeats."""
+
+    model: str
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def completion(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": finish_reason}],
+                "usage": usage(prompt_tokens, completion_tokens)}
+
+    def chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
+        return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        """The extra last chunk `stream_options: {"include_usage": true}` asks for: no choices, only usage."""
+        return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                    "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+class StopText:
+    """Cuts the text at the first stop string. Text that could be the start of a stop string is held back until
+    the next piece shows whether it is, so a streamed answer never shows part of a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops, self.held, self.stopped = tuple(stops), "", False
+
+    def push(self, piece: str) -> str:
+        """The text safe to send now; sets `stopped` when a stop string completed (nothing after it is sent)."""
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held, self.stopped = "", True
+            return text[: min(hits)]
+        keep = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        self.held = text[len(text) - keep:]
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        """What was held back, once the answer ended without completing a stop string."""
+        text, self.held = self.held, ""
+        return text

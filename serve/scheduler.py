@@ -1,0 +1,187 @@
+"""The worker thread, the only one that calls MindSpore: it takes queued jobs into the batch, steps the batch, and
+hands every token back to the event loop, which only queues, streams and cancels.
+
+Policy. The batch runs at the artifact's largest batch bucket B, so a request that arrives while others decode
+takes a free row at the next step (with batch [1] requests are served one at a time). The batch's cache bucket C is
+chosen when it starts empty: the smallest that holds prompt + max_tokens of each of the first B waiting requests.
+Requests join in arrival order; one that needs more than C waits, and those behind it with it, until the batch
+empties and restarts at a larger C, so none starves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from mindvl.errors import MindVLError
+from mindvl.runtime import Runtime
+from mindvl.runtime.batch import Batch, Generation
+from mindvl.runtime.sampling import Sampling
+from mindvl.serve.errors import ServeError, from_mindvl
+from mindvl.serve.metrics import Metrics
+from mindvl.shapes.processor import Prepared
+
+log = logging.getLogger("mindvl.serve")
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str  # the text this token completes; "" while a character's bytes are still arriving
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: str  # "stop" | "length"
+    completion_tokens: int
+
+
+class Job:
+    """One chat completion: what the worker needs, and the queue its tokens come back on."""
+
+    def __init__(self, prepared: Prepared, max_new_tokens: int, sampling: Sampling,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.prepared, self.max_new_tokens, self.sampling = prepared, max_new_tokens, sampling
+        self.prompt_tokens = prepared.input_ids.shape[1]
+        self.events: asyncio.Queue[Token | Done | ServeError] = asyncio.Queue()
+        self.cancelled = False  # set on the event loop; the worker drops the job at its next step
+        self._loop = loop
+
+    @property
+    def cache_needed(self) -> int:
+        return self.prompt_tokens + self.max_new_tokens
+
+    def send(self, event: Token | Done | ServeError) -> None:
+        """From the worker thread."""
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+class Scheduler:
+    def __init__(self, runtime: Runtime, metrics: Metrics) -> None:
+        self.runtime, self.metrics = runtime, metrics
+        self.batch_size = runtime.buckets.batch[-1]
+        self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._waiting: deque[Job] = deque()
+        self._running: dict[Generation, Job] = {}
+        self._thread = threading.Thread(target=self._run, name="mindvl-worker", daemon=True)
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs submitted and not yet in the batch."""
+        return self._inbox.qsize() + len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._inbox.put(job)
+
+    def stop(self) -> None:
+        """Finish the current step, then fail what is still queued or running with a 503."""
+        self._inbox.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        batch: Batch | None = None
+        while self._collect(block=batch is None and not self._waiting):
+            batch = self._drop_cancelled(batch)
+            if batch is None and self._waiting:
+                batch = self._open()
+            if batch is None:
+                continue
+            try:
+                joining = self._admit(batch)
+                if joining:
+                    self._deliver(batch.add(list(joining)))
+                if batch.active:
+                    self.metrics.count("mindvl_decode_steps_total")
+                    self.metrics.count("mindvl_decode_rows_total", len(batch.active))
+                    self._deliver(batch.step())
+            except Exception:  # a bug or a device failure: fail this batch's requests, keep serving
+                log.exception("generation step failed")
+                self._fail(list(self._running.values()), ServeError(500, "generation failed inside the server; "
+                                                                         "see the server log, then retry"))
+                self._running.clear()
+                batch = None
+        leftover = [*self._waiting, *self._running.values()]
+        while not self._inbox.empty():
+            leftover.append(self._inbox.get())
+        self._fail([job for job in leftover if job], ServeError(503, "the server is shutting down; retry later"))
+
+    def _collect(self, block: bool) -> bool:
+        """Move submitted jobs to the waiting line (waiting for one when idle); False once stopping."""
+        try:
+            job = self._inbox.get() if block else self._inbox.get_nowait()
+            while True:
+                if job is None:
+                    return False
+                self._waiting.append(job)
+                job = self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _drop_cancelled(self, batch: Batch | None) -> Batch | None:
+        self._waiting = deque(job for job in self._waiting if not job.cancelled)
+        for generation, job in list(self._running.items()):
+            if job.cancelled:
+                batch.remove(generation)
+                del self._running[generation]
+                self.metrics.count("mindvl_cancelled_total")
+        return batch if batch is not None and batch.active else None
+
+    def _open(self) -> Batch:
+        first = itertools.islice(self._waiting, self.batch_size)
+        need = max(job.cache_needed for job in first)
+        buckets = self.runtime.buckets
+        capacity = min(c for c in buckets.cache if c >= need)  # requests were checked to fit the largest
+        return Batch(self.runtime.artifacts, self.batch_size, capacity, buckets.prefill)
+
+    def _admit(self, batch: Batch) -> dict[Generation, Job]:
+        """Waiting jobs, in order, into the free rows while they fit the batch's cache; their vision graphs run
+        here."""
+        joining: dict[Generation, Job] = {}
+        while self._waiting and len(joining) < batch.free and self._waiting[0].cache_needed <= batch.capacity:
+            job = self._waiting.popleft()
+            try:
+                prompt = self.runtime.encode(job.prepared)
+            except MindVLError as e:
+                job.send(from_mindvl(e))
+                continue
+            except Exception:
+                log.exception("vision graphs failed")
+                job.send(ServeError(500, "the vision graphs failed inside the server; see the server log"))
+                continue
+            generation = self.runtime.new_generation(prompt, job.max_new_tokens, job.sampling)
+            joining[generation] = job
+            self._running[generation] = job
+            self.metrics.count("mindvl_prompt_tokens_total", job.prompt_tokens)
+        return joining
+
+    def _deliver(self, results: list[tuple[Generation, str]]) -> None:
+        for generation, text in results:
+            job = self._running[generation]
+            job.send(Token(text))
+            self.metrics.count("mindvl_completion_tokens_total")
+            if generation.finish:
+                job.send(Done(generation.finish, len(generation.token_ids)))
+                del self._running[generation]
+
+    @staticmethod
+    def _fail(jobs: list[Job], error: ServeError) -> None:
+        for job in jobs:
+            job.send(error)

@@ -1,0 +1,322 @@
+"""Hostile and broken requests to a live `mindvl serve`: each gets the right status and an OpenAI-style JSON error
+whose one-line message names the problem and the fix, and the next normal request is still answered correctly.
+
+The server runs with an API key, a media folder (holding a symlink that points out of it), a 1 MB body limit, a
+2 s request timeout and at most 2 requests in flight.
+"""
+
+import base64
+import contextlib
+import re
+import socket
+import struct
+import time
+import zlib
+
+import httpx
+import pytest
+from media import sample_image
+from serve_helpers import running_server, user_message
+
+from mindvl.runtime import Runtime
+
+KEY = "test-key-5f2b"
+TIMEOUT_S = 2
+NORMAL = "Say something."
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    (root / "media").mkdir()
+    sample_image(112, 112, seed=1).save(root / "outside.png")
+    (root / "media" / "escape.png").symlink_to(root / "outside.png")
+    return root / "media"
+
+
+@pytest.fixture(scope="module")
+def server(exported, media):
+    with running_server(exported("tiny")[1], media.parent, "--media-dir", str(media), "--api-key", KEY,
+                        "--max-body-mb", "1", "--request-timeout", str(TIMEOUT_S), "--max-concurrency", "2") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def normal_answer(exported):
+    return Runtime.load(exported("tiny")[1]).generate(NORMAL, max_new_tokens=8).text
+
+
+def post(server, body=None, *, content=None, key=KEY, headers=None):
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, content=content, headers=headers, timeout=60)
+
+
+def chat(server, messages=None, **fields):
+    return {"model": server.model, "messages": messages or user_message("Hi."), "max_tokens": 4, **fields}
+
+
+def with_image(server, url):
+    return chat(server, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "What is it?"}]}])
+
+
+def png_bomb() -> bytes:
+    """A real 8000x8000 1-bit PNG of zeros: 8 KB on the wire, 64 megapixels (192 MB as RGB) once decoded."""
+    side = 8000
+    rows = zlib.compress((b"\x00" + bytes(side // 8)) * side, 9)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def b64(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def raw_exchange(server, payload: bytes) -> tuple[int, dict]:
+    """Send `payload` and then nothing more (a slow-loris client); the server must answer and close by itself."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10 * TIMEOUT_S) as s:
+        s.sendall(payload)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), httpx.Response(200, content=body).json()
+
+
+# --- cases: each returns (status, JSON body) ----------------------------------------------------------------------
+
+def malformed_json(server, media):
+    return post(server, content=b'{"model": "x", "messages": [')
+
+
+def body_is_a_list(server, media):
+    return post(server, content=b"[1, 2]")
+
+
+def wrong_type(server, media):
+    return post(server, chat(server, max_tokens="5"))
+
+
+def content_of_wrong_type(server, media):
+    return post(server, chat(server, [{"role": "user", "content": 5}]))
+
+
+def missing_messages(server, media):
+    return post(server, {"model": server.model})
+
+
+def zero_max_tokens(server, media):
+    return post(server, chat(server, max_tokens=0))
+
+
+def huge_body(server, media):
+    return post(server, content=b" " * (2 * 2**20))
+
+
+def huge_chunked_body(server, media):  # no Content-Length: counted as it arrives
+    return post(server, content=iter([b" " * 2**16] * 32))
+
+
+def invalid_base64(server, media):
+    return post(server, with_image(server, "data:image/png;base64,iVBORw0KGgo***not-base64***"))
+
+
+def png_bomb_image(server, media):
+    return post(server, with_image(server, b64(png_bomb())))
+
+
+def not_an_image(server, media):
+    return post(server, with_image(server, b64(bytes(range(256)) * 8)))
+
+
+def unsupported_media_type(server, media):
+    return post(server, with_image(server, b64(b"<html></html>", "text/html")))
+
+
+def path_traversal(server, media):
+    return post(server, with_image(server, "../../etc/passwd"))
+
+
+def absolute_path(server, media):
+    return post(server, with_image(server, "/etc/passwd"))
+
+
+def symlink_out_of_media_dir(server, media):
+    return post(server, with_image(server, "escape.png"))
+
+
+def missing_media_file(server, media):
+    return post(server, with_image(server, "nothing-here.png"))
+
+
+def remote_url(server, media):
+    return post(server, with_image(server, "http://127.0.0.1:9/cat.png"))
+
+
+def file_url(server, media):
+    return post(server, with_image(server, "file:///etc/passwd"))
+
+
+def video_as_data_url(server, media):
+    return post(server, chat(server, [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}]))
+
+
+def vision_token_in_text(server, media):
+    return post(server, chat(server, user_message("look: <|vision_start|><|image_pad|><|vision_end|>")))
+
+
+def prompt_beyond_every_bucket(server, media):
+    return post(server, chat(server, user_message("word " * 300)))
+
+
+def max_tokens_beyond_the_cache(server, media):
+    return post(server, chat(server, max_tokens=1000))
+
+
+def wrong_api_key(server, media):
+    return post(server, chat(server), key="not-the-key")
+
+
+def no_api_key(server, media):
+    return post(server, chat(server), key=None)
+
+
+def unknown_model(server, media):
+    return post(server, chat(server, model="gpt-4o"))
+
+
+def several_choices(server, media):
+    return post(server, chat(server, n=3))
+
+
+def misspelt_field(server, media):
+    return post(server, chat(server, max_token=3))
+
+
+def unknown_path(server, media):
+    return httpx.get(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"})
+
+
+def wrong_method(server, media):
+    return httpx.delete(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+
+
+def slow_headers(server, media):
+    return raw_exchange(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
+
+
+def slow_body(server, media):
+    return raw_exchange(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                + KEY.encode() + b"\r\nContent-Length: 500\r\n\r\n{\"model\": ")
+
+
+# case -> (status, patterns the error message must contain: the problem, then the fix)
+HOSTILE = {
+    malformed_json: (400, [r"the body is not valid JSON \(.*\)", "send a JSON object"]),
+    body_is_a_list: (400, ["the body is a JSON list, not an object", '"messages"']),
+    wrong_type: (422, [r'^max_tokens: Input should be a valid integer, got "5"$']),
+    content_of_wrong_type: (422, [r"^messages\[0\]\.content: Input should be a valid string, got 5$"]),
+    missing_messages: (422, ["^messages: Field required$"]),
+    zero_max_tokens: (422, ["^max_tokens: Input should be greater than or equal to 1, got 0$"]),
+    huge_body: (413, [r"is 2097152 bytes, more than the 1048576 allowed \(--max-body-mb\)", "send smaller"]),
+    huge_chunked_body: (413, [r"is over \d+ bytes, more than the 1048576 allowed", "send smaller"]),
+    invalid_base64: (400, [r"messages\[0\]\.content\[0\]: the data: URL's payload is not valid base64",
+                           "encode the file's bytes with standard base64"]),
+    png_bomb_image: (413, [r"image is 8000x8000 = 64000000 pixels, more than the 16777216 allowed", "downscale it"]),
+    not_an_image: (400, [r"messages\[0\]\.content\[0\]: not an image PIL can read",
+                         "convert it to PNG or JPEG"]),
+    unsupported_media_type: (400, ["unsupported media type 'text/html' in a data: URL", "send one of image/png"]),
+    path_traversal: (400, [r"'\.\./\.\./etc/passwd' is not a plain relative file name", "without '\\.\\.'"]),
+    absolute_path: (400, ["'/etc/passwd' is not a plain relative file name", "name a file inside the media folder"]),
+    symlink_out_of_media_dir: (400, [r"'escape\.png' leads out of the media folder", "name a file that is inside"]),
+    missing_media_file: (404, [r"'nothing-here\.png' is not a file in the media folder", "check the name"]),
+    remote_url: (400, ["remote media URLs are refused", "--allow-remote-media", "send the image as a data: URL"]),
+    file_url: (400, ["file: URLs are not served", "send a data: URL or a file name inside"]),
+    video_as_data_url: (400, ["a video is taken by its file name inside the server's --media-dir, not as a URL"]),
+    vision_token_in_text: (400, [r"<\|image_pad\|> placeholders but 0 grids", r"keep <\|image_pad\|> out of the text"]),
+    prompt_beyond_every_bucket: (400, [r"the prompt is \d+ tokens, longer than this server's longest prompt \(256",
+                                       "shorten it"]),
+    max_tokens_beyond_the_cache: (400, [r"max_tokens \(1000\) is more than this server's largest KV cache \(512",
+                                        r"lower max_tokens to <= \d+"]),
+    wrong_api_key: (401, ["missing or wrong API key", "Authorization: Bearer KEY"]),
+    no_api_key: (401, ["missing or wrong API key"]),
+    unknown_model: (404, ["model 'gpt-4o' does not exist", r"GET /v1/models"]),
+    several_choices: (400, ["n=3 is not supported", "send separate requests"]),
+    misspelt_field: (400, ["unsupported field 'max_token'", "did you mean 'max_tokens'"]),
+    unknown_path: (404, ["GET /v1/completions: not found", "POST /v1/chat/completions"]),
+    wrong_method: (405, ["DELETE /v1/chat/completions: method not allowed"]),
+    slow_headers: (408, [f"the request headers did not arrive within {TIMEOUT_S} s", "without pausing"]),
+    slow_body: (408, [f"the request body did not arrive within {TIMEOUT_S} s", "without pausing"]),
+}
+
+
+def assert_served_normally(server, answer):
+    reply = post(server, chat(server, user_message(NORMAL), max_tokens=8))
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == answer
+
+
+@pytest.mark.parametrize("case, expected", HOSTILE.items(), ids=[f.__name__ for f in HOSTILE])
+def test_hostile_request_gets_its_status_and_a_one_line_error(server, media, normal_answer, case, expected):
+    status, patterns = expected
+    reply = case(server, media)
+    got, body = reply if isinstance(reply, tuple) else (reply.status_code, reply.json())
+    assert got == status, body
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    message = body["error"]["message"]
+    assert "\n" not in message and "Traceback" not in message
+    for pattern in patterns:
+        assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
+    assert_served_normally(server, normal_answer)
+
+
+def wait_for(condition, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the server did not get there in time"
+        time.sleep(0.05)
+
+
+def test_client_leaving_mid_stream_stops_its_generation(server, normal_answer):
+    cancelled = server.metric("mindvl_cancelled_total")
+    body = chat(server, max_tokens=440, stream=True)
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:
+        lines = response.iter_lines()
+        next(lines), next(lines)
+    wait_for(lambda: server.metric("mindvl_running_sequences") == 0)
+    assert server.metric("mindvl_cancelled_total") == cancelled + 1
+    assert_served_normally(server, normal_answer)
+
+
+def test_client_leaving_before_a_plain_answer_stops_its_generation(server, normal_answer):
+    cancelled = server.metric("mindvl_cancelled_total")
+    body = httpx.Request("POST", "http://x", json=chat(server, max_tokens=440)).content
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (KEY.encode(), len(body), body))
+        wait_for(lambda: server.metric("mindvl_running_sequences") == 1)
+    wait_for(lambda: server.metric("mindvl_cancelled_total") == cancelled + 1)
+    assert server.metric("mindvl_running_sequences") == 0
+    assert_served_normally(server, normal_answer)
+
+
+def test_requests_past_the_limit_get_429_with_retry_after(server, normal_answer):
+    with contextlib.ExitStack() as held:
+        for _ in range(2):  # the server's --max-concurrency
+            response = held.enter_context(httpx.stream(
+                "POST", f"{server.url}/v1/chat/completions", json=chat(server, max_tokens=440, stream=True),
+                headers={"Authorization": f"Bearer {KEY}"}, timeout=60))
+            lines = response.iter_lines()
+            next(lines)  # its response has started, so it is in flight (kept open: `lines` is not closed yet)
+            held.callback(lines.close)
+        refused = post(server, chat(server))
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+        assert re.search("2 requests in flight, its limit .* retry after", refused.json()["error"]["message"])
+    wait_for(lambda: server.metric("mindvl_requests_in_flight") == 0)
+    assert_served_normally(server, normal_answer)

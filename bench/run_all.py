@@ -71,8 +71,8 @@ def main() -> None:
 
     work = Path(args.workdir)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tiny = write_checkpoint(work / "tiny", "tiny")
-    two_b = write_checkpoint(work / f"2b-{args.layers}layers", "2b-shapes", num_hidden_layers=args.layers)
+    tiny = write_checkpoint(work / "models" / "tiny", "tiny")
+    two_b = write_checkpoint(work / "models" / f"2b-{args.layers}layers", "2b-shapes", num_hidden_layers=args.layers)
     reports = {
         "tiny": bench("tiny", tiny, [], work),
         f"2b-{args.layers}layers": bench(f"2b-{args.layers}layers", two_b, ["--prompt-tokens", "32", "--new-tokens", "64"],

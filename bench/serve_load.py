@@ -48,41 +48,44 @@ def main() -> None:
     artifacts = Path(args.artifacts) if args.artifacts else export_tiny(work, args.batch)
     kinds = workload(args.max_tokens)
     port = free_port()
-    log = open(work / "serve.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "mindvl.cli", "serve", str(artifacts), "--port", str(port),
-                               "--max-concurrency", str(max(64, args.concurrency))], stdout=log, stderr=log,
-                              env={**os.environ, "GLOG_v": "3"})
+    with open(work / "serve.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "mindvl.cli", "serve", str(artifacts), "--port", str(port),
+                                   "--max-concurrency", str(max(64, args.concurrency))], stdout=log, stderr=log,
+                                  env={**os.environ, "GLOG_v": "3"})
     url = f"http://127.0.0.1:{port}"
     try:
-        model = wait_until_healthy(url, server)
+        model = wait_until_healthy(url, server, work / "serve.log")
         start = time.perf_counter()
         answers = [complete(url, model, body)["text"] for body in kinds]
         print(f"warm-up (loads and compiles the graphs, one request per kind): {time.perf_counter() - start:.1f} s")
 
         start = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as clients:
-            results = list(clients.map(lambda k: complete(url, model, kinds[k % len(kinds)]), range(args.requests)))
+            results = list(clients.map(lambda k: attempt(url, model, kinds[k % len(kinds)]), range(args.requests)))
         wall = time.perf_counter() - start
         metrics = httpx.get(f"{url}/metrics").text
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=60)
 
-    wrong = sum(r["text"] != answers[k % len(kinds)] for k, r in enumerate(results))
+    failed = [r["error"] for r in results if "error" in r]
+    wrong = sum(r["text"] != answers[k % len(kinds)] for k, r in enumerate(results) if "error" not in r)
+    results = [r for r in results if "error" not in r]
     latency = np.array([r["latency"] for r in results]) * 1e3
     ttft = np.array([r["ttft"] for r in results]) * 1e3
     tokens = sum(r["tokens"] for r in results)
     steps, rows = (series(metrics, f"mindvl_decode_{name}_total") for name in ("steps", "rows"))
-    batch = json.loads(httpx.Response(200, content=(artifacts / "manifest.json").read_bytes()).text)["buckets"]
+    batch = json.loads((artifacts / "manifest.json").read_text())["buckets"]
     print(f"{args.requests} requests, {args.concurrency} clients, {args.max_tokens} max tokens: {wall:.1f} s, "
-          f"{wrong} answers differing from their warm-up answer, mean batch use {rows / max(steps, 1):.2f} rows")
+          f"{len(failed)} failed {failed[:3]}, {wrong} answers differing from their warm-up answer, mean batch use "
+          f"{rows / max(steps, 1):.2f} rows")
     print(f"latency p50 {np.median(latency):.0f} ms  p99 {np.percentile(latency, 99):.0f} ms;  TTFT p50 "
           f"{np.median(ttft):.0f} ms  p99 {np.percentile(ttft, 99):.0f} ms;  {args.requests / wall:.1f} requests/s, "
           f"{tokens / wall:.0f} tokens/s")
     print(f"\n| {date.today()} | batch {batch['batch']} | {args.requests} / {args.concurrency} | "
           f"{np.median(latency):.0f} / {np.percentile(latency, 99):.0f} | {np.median(ttft):.0f} / "
           f"{np.percentile(ttft, 99):.0f} | {args.requests / wall:.1f} | {tokens / wall:.0f} | "
-          f"{rows / max(steps, 1):.2f} | {wrong} | {platform.machine()}, {os.cpu_count()} cores |")
+          f"{rows / max(steps, 1):.2f} | {len(failed)} / {wrong} | {platform.machine()}, {os.cpu_count()} cores |")
 
 
 def export_tiny(work: Path, batch: str) -> Path:
@@ -112,6 +115,13 @@ def workload(max_tokens: int) -> list[dict]:
     return [{"messages": [{"role": "user", "content": t}], "max_tokens": max_tokens} for t in turns]
 
 
+def attempt(url: str, model: str, body: dict) -> dict:
+    try:
+        return complete(url, model, body)
+    except httpx.HTTPError as e:  # counted and reported: a load test must not stop at the first failure
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def complete(url: str, model: str, body: dict) -> dict:
     """One streamed completion: its text, generated tokens, latency and time to first text (seconds)."""
     start, first, text, tokens = time.perf_counter(), None, [], 0
@@ -138,12 +148,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_healthy(url: str, server: subprocess.Popen) -> str:
+def wait_until_healthy(url: str, server: subprocess.Popen, log: Path) -> str:
     """The model id, once /health answers."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            sys.exit(f"the server exited with {server.returncode}; see its log")
+            sys.exit(f"the server exited with {server.returncode}; see {log}")
         try:
             return httpx.get(f"{url}/health", timeout=2).json()["model"]
         except httpx.TransportError:

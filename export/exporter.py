@@ -45,7 +45,7 @@ def _placeholder(spec: TensorSpec) -> ms.Tensor:
 
 def _export_graph(cfg: ModelConfig, graph: GraphSpec, weights: dict[str, tuple[ms.Tensor, ...]], folder: Path) -> None:
     if graph.weights == "vision":
-        cell = VisionEncoder(cfg.vision)
+        cell = VisionEncoder(cfg.vision, graph.bucket["groups"])
     else:
         cell = TextStep(cfg.text, graph.bucket["batch"], graph.bucket["cache"])
     inputs = [_placeholder(t) for t in graph.inputs + graph.caches]

@@ -25,7 +25,7 @@ from mindvl.qwen2vl.weights import load_weights, text_weight_names, vision_weigh
 from mindvl.shapes.graphs import kv_cache_specs
 from mindvl.shapes.rope_index import rope_index
 from mindvl.shapes.text_inputs import attention_mask, place_visual
-from mindvl.shapes.vision_inputs import block_mask, frame_lengths, vision_rotary
+from mindvl.shapes.vision_inputs import vision_rotary
 
 DTYPES = {"float32": mstype.float32, "float16": mstype.float16, "bfloat16": mstype.bfloat16}
 MODES = ("graph", "pynative")
@@ -59,7 +59,7 @@ class Qwen2VL:
 
         self.vision_weights = tuple(device_tensor(n) for n in vision_weight_names(cfg))
         self.text_weights = tuple(device_tensor(n) for n in text_weight_names(cfg))
-        self.vision = VisionEncoder(cfg.vision)
+        self._vision: dict[int, VisionEncoder] = {}
         self._graphs: dict[int, Callable] = {}
         self._steps: dict[tuple[int, int], tuple[TextStep, tuple[Tensor, ...]]] = {}
 
@@ -79,7 +79,7 @@ class Qwen2VL:
         refuse_bfloat16_on_cpu(self.dtype, self.device)
         fn = cell
         if mode == "graph":
-            # Cells live as long as the model (kept in self.vision / self._steps), so id() is stable.
+            # Cells live as long as the model (kept in self._vision / self._steps), so id() is stable.
             fn = self._graphs.setdefault(id(cell), ms.jit(cell))
         return fn(*args).asnumpy()
 
@@ -87,12 +87,21 @@ class Qwen2VL:
         return Tensor(np.asarray(a, dtype=self.np_dtype), DTYPES[self.dtype])
 
     def encode_vision(self, pixel_values: np.ndarray, grid_thw: np.ndarray, mode: str = "graph") -> np.ndarray:
-        """Merged visual tokens [sum(t*h*w)/merge², hidden] for patches of one or more images or videos."""
-        v = self.cfg.vision
-        cos, sin = vision_rotary(grid_thw, v.head_dim, v.spatial_merge_size)
-        mask = block_mask(frame_lengths(grid_thw), self.np_dtype)
-        args = (self._tensor(pixel_values), Tensor(cos), Tensor(sin), self._tensor(mask))
-        return self._run(self.vision, mode, *args, *self.vision_weights)
+        """Merged visual tokens [sum(t*h*w)/merge², hidden] for the patches of one or more images or videos,
+        encoded one at a time (each in its own attention groups), as the exported graphs do."""
+        v, out, start = self.cfg.vision, [], 0
+        for grid in np.asarray(grid_thw).reshape(-1, 3):
+            count = int(np.prod(grid))
+            cos, sin = vision_rotary(grid[None], v.head_dim, v.spatial_merge_size)
+            args = (self._tensor(pixel_values[start:start + count]), Tensor(cos), Tensor(sin))
+            out.append(self._run(self.vision_cell(int(grid[0])), mode, *args, *self.vision_weights))
+            start += count
+        return np.concatenate(out)
+
+    def vision_cell(self, groups: int) -> VisionEncoder:
+        if groups not in self._vision:
+            self._vision[groups] = VisionEncoder(self.cfg.vision, groups)
+        return self._vision[groups]
 
     def embed_prompt(self, input_ids: np.ndarray, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
                      video_grid_thw=None, mode: str = "graph") -> np.ndarray:

@@ -3,8 +3,9 @@
     patches [N, C*T*P*P] ──MatMul──▶ [N, E] ──▶ depth × (LayerNorm → 2-D rotary attention → LayerNorm → MLP)
         ──▶ LayerNorm ──reshape──▶ [N/4, 4E] ──▶ Linear → GELU → Linear ──▶ [N/4, hidden]
 
-Attention stays inside each image (each temporal group of a video) through the additive block mask the
-host builds (`shapes.vision_inputs`), so several images share one call without seeing each other.
+Attention stays inside each temporal group (a still image is one group, a video has frames/2): one call
+encodes one image or video, whose groups are equal in size, so attention is a batched MatMul over the groups
+— no mask, and no scores between groups.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from mindspore import Tensor, nn, ops
 from mindspore import dtype as mstype
 
 from mindvl.shapes.config import VisionConfig
-from mindvl.qwen2vl.layers import apply_rotary, full, layer_norm, linear, quick_gelu, softmax_f32
+from mindvl.qwen2vl.layers import apply_rotary, layer_norm, linear, quick_gelu, softmax_f32
 
 WEIGHTS_PER_BLOCK = 12
 _bmm = ops.BatchMatMul()
@@ -21,32 +22,36 @@ _bmm_t = ops.BatchMatMul(transpose_b=True)
 
 
 class VisionEncoder(nn.Cell):
-    """construct(patches, cos, sin, mask, *weights) with weights in `vision_weight_names` order."""
+    """construct(patches, cos, sin, *weights) with weights in `vision_weight_names` order, for one image or
+    video of `groups` temporal groups."""
 
-    def __init__(self, cfg: VisionConfig) -> None:
+    def __init__(self, cfg: VisionConfig, groups: int) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.groups = cfg, groups
         self.scale = cfg.head_dim**-0.5
 
-    def attention(self, x: Tensor, w: tuple, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        n, heads = x.shape[0], self.cfg.num_heads
+    def attention(self, x: Tensor, w: tuple, cos: Tensor, sin: Tensor) -> Tensor:
+        n, g, heads = x.shape[0], self.groups, self.cfg.num_heads
         qkv = linear(x, w[0], w[1]).reshape(n, 3, heads, -1)
         cos, sin = cos.reshape(n, 1, -1), sin.reshape(n, 1, -1)
+
+        def by_group(t: Tensor) -> Tensor:  # [n, heads, d] -> [groups * heads, n / groups, d]
+            return t.reshape(g, n // g, heads, -1).transpose(0, 2, 1, 3).reshape(g * heads, n // g, -1)
+
         # Rotary in float32 whatever the model dtype, as the reference does.
-        q = apply_rotary(qkv[:, 0].astype(mstype.float32), cos, sin).astype(x.dtype).transpose(1, 0, 2)
-        k = apply_rotary(qkv[:, 1].astype(mstype.float32), cos, sin).astype(x.dtype).transpose(1, 0, 2)
-        v = qkv[:, 2].transpose(1, 0, 2)
-        scores = _bmm_t(q, k) * self.scale
-        probs = softmax_f32(scores + full(mask, scores.shape), x.dtype)
-        out = _bmm(probs, v).transpose(1, 0, 2).reshape(n, -1)
+        q = by_group(apply_rotary(qkv[:, 0].astype(mstype.float32), cos, sin).astype(x.dtype))
+        k = by_group(apply_rotary(qkv[:, 1].astype(mstype.float32), cos, sin).astype(x.dtype))
+        probs = softmax_f32(_bmm_t(q, k) * self.scale, x.dtype)
+        out = _bmm(probs, by_group(qkv[:, 2]))
+        out = out.reshape(g, heads, n // g, -1).transpose(0, 2, 1, 3).reshape(n, -1)
         return linear(out, w[2], w[3])
 
-    def construct(self, patches: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, *weights: Tensor) -> Tensor:
+    def construct(self, patches: Tensor, cos: Tensor, sin: Tensor, *weights: Tensor) -> Tensor:
         cfg = self.cfg
         x = linear(patches, weights[0])
         for i in range(cfg.depth):
             w = weights[1 + i * WEIGHTS_PER_BLOCK: 1 + (i + 1) * WEIGHTS_PER_BLOCK]
-            x = x + self.attention(layer_norm(x, w[0], w[1]), w[2:6], cos, sin, mask)
+            x = x + self.attention(layer_norm(x, w[0], w[1]), w[2:6], cos, sin)
             h = layer_norm(x, w[6], w[7])
             x = x + linear(quick_gelu(linear(h, w[8], w[9])), w[10], w[11])
         m = weights[1 + cfg.depth * WEIGHTS_PER_BLOCK:]

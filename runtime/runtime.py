@@ -28,7 +28,7 @@ from mindvl.shapes.graphs import vision_graph
 from mindvl.shapes.processor import ImageInput, Prepared, Processor, VideoInput
 from mindvl.shapes.rope_index import rope_index
 from mindvl.shapes.text_inputs import place_visual
-from mindvl.shapes.vision_inputs import block_mask, frame_lengths, vision_rotary
+from mindvl.shapes.vision_inputs import vision_rotary
 
 
 @dataclass
@@ -138,9 +138,7 @@ class Runtime:
                 b = visual.choice.bucket
                 spec = vision_graph(self.config, getattr(b, "frames", 1), b.height, b.width, dtype)
                 cos, sin = vision_rotary(visual.grid[None], v.head_dim, v.spatial_merge_size)
-                mask = block_mask(frame_lengths(visual.grid[None]), self.np_dtype)
-                features.append(self.artifacts.run(spec, {"patches": visual.pixels, "cos": cos, "sin": sin,
-                                                          "mask": mask}))
+                features.append(self.artifacts.run(spec, {"patches": visual.pixels, "cos": cos, "sin": sin}))
                 names.append(spec.name)
             if features:
                 place_visual(embeds, prepared.input_ids, token_id, np.concatenate(features))

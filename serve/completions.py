@@ -11,7 +11,7 @@ import time
 from typing import AsyncIterator, Callable
 
 import anyio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -35,7 +35,11 @@ class Completions:
 
     async def __call__(self, request: Request) -> Response:
         arrived = time.perf_counter()
-        chat = parse_request(await request.body())
+        try:
+            body = await request.body()
+        except ClientDisconnect:
+            raise ServeError(499, "the client closed the connection before sending the whole body") from None
+        chat = parse_request(body)
         if chat.model != self.model_name:
             raise ServeError(404, f"model {chat.model[:100]!r} does not exist; this server serves "
                                   f"{self.model_name!r} (GET /v1/models)", param="model", code="model_not_found")

@@ -9,10 +9,9 @@ from starlette.responses import JSONResponse
 
 from mindvl.errors import ArtifactError, MediaTooLargeError, MindVLError
 
-# OpenAI's error `type` per status.
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-         408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-         422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+# OpenAI's error `type` for the statuses that are not the client's request itself (invalid_request_error).
+TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 500: "server_error",
+         503: "server_error"}
 
 
 class ServeError(Exception):

@@ -1,6 +1,6 @@
 """Every exported graph's name, inputs and outputs, declared once: export builds them, the runtime feeds them.
 
-    vision_{H}x{W}          patches, cos, sin, mask                 ─▶ visual tokens        (+ vision weights)
+    vision_{H}x{W}          patches, cos, sin                       ─▶ visual tokens        (+ vision weights)
     video_{T}x{H}x{W}       same, T/2 frame groups                  ─▶ visual tokens        (+ vision weights)
     prefill_b{B}_s{S}_c{C}  embeds, position_ids, cache_positions,  ─▶ logits [B, 1, V]    (+ KV cache, text weights)
                             mask, logits_index
@@ -65,9 +65,9 @@ def vision_graph(cfg: ModelConfig, frames: int, height: int, width: int, dtype: 
     n = groups * (height // v.patch_size) * (width // v.patch_size)
     name, kind = (f"vision_{height}x{width}", "vision") if frames == 1 else (f"video_{frames}x{height}x{width}", "video")
     return GraphSpec(
-        name, kind, {"frames": frames, "height": height, "width": width},
+        name, kind, {"frames": frames, "height": height, "width": width, "groups": groups},
         inputs=(TensorSpec("patches", (n, v.patch_dim), dtype), TensorSpec("cos", (n, v.head_dim), "float32"),
-                TensorSpec("sin", (n, v.head_dim), "float32"), TensorSpec("mask", (n, n), dtype)),
+                TensorSpec("sin", (n, v.head_dim), "float32")),
         caches=(), weights="vision",
         outputs=(TensorSpec("visual_tokens", (n // v.spatial_merge_size**2, cfg.text.hidden_size), dtype),))
 

@@ -1,4 +1,4 @@
-"""Host-side inputs of the vision graph: 2-D rotary tables and the per-frame attention mask.
+"""Host-side inputs of the vision graph: the 2-D rotary tables.
 
 Both depend on the image grids (data), so they are numpy here and the graph only sees fixed-shape tensors.
 Patches arrive in merge-window order (see `shapes.image`): for a 4x4 grid with merge 2 the sequence runs
@@ -37,15 +37,3 @@ def vision_rotary(grid_thw: np.ndarray, head_dim: int, merge: int, theta: float 
     freqs = (pos[:, :, None] * inv_freq[None, None, :]).reshape(len(pos), -1)
     emb = np.concatenate([freqs, freqs], -1)
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
-
-
-def frame_lengths(grid_thw: np.ndarray) -> np.ndarray:
-    """Patches per attention block: every temporal group of every image/video attends only to itself."""
-    g = np.asarray(grid_thw, dtype=np.int64)
-    return np.repeat(g[:, 1] * g[:, 2], g[:, 0])
-
-
-def block_mask(lengths: np.ndarray, dtype: np.dtype = np.float32) -> np.ndarray:
-    """Additive mask [N, N]: 0 inside each block on the diagonal, the dtype's lowest value elsewhere."""
-    ids = np.repeat(np.arange(len(lengths)), lengths)
-    return np.where(ids[:, None] == ids[None, :], 0, np.finfo(dtype).min).astype(dtype)

@@ -9,6 +9,8 @@ import http.server
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -188,3 +190,9 @@ def test_sigterm_lets_the_stream_in_flight_finish(exported, tmp_path):
         assert "Application shutdown complete" in log and "Traceback" not in log, log
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{server.url}/health")
+
+
+def test_the_runtime_does_not_import_the_server_stack():
+    check = "import sys, mindvl.runtime; print(sorted({'fastapi', 'uvicorn', 'starlette'} & set(sys.modules)))"
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr

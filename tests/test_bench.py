@@ -1,0 +1,43 @@
+"""`mindvl bench`: every mode runs, the report has its stable keys, the roofline arithmetic is right."""
+
+import json
+
+from mindvl.benchmark import decode_bytes
+from mindvl.cli import main
+from mindvl.shapes.config import PRESETS, ModelConfig
+
+KEYS = {"mode", "load_s", "cold_start_s", "warmup_s", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_p50",
+        "decode_ms_p90", "tokens_per_s", "peak_rss_bytes", "decode_vs_roofline", "decode_steps"}
+
+
+def test_decode_bytes_of_the_2b_shapes():
+    cfg = ModelConfig.from_hf(PRESETS["2B"])
+    # Per layer: q 1536x1536, k and v 256x1536 each, o 1536x1536, gate/up/down 3 x 1536x8960, two norms of 1536.
+    layer = 1536 * 1536 + 2 * 256 * 1536 + 1536 * 1536 + 3 * 1536 * 8960 + 2 * 1536
+    weights = 28 * layer + 151936 * 1536 + 1536  # + the (tied) LM head and the final norm
+    cache = 2 * 28 * 2 * 128 * 100  # keys and values of 100 filled slots
+    assert decode_bytes(cfg, "float32", 100) == 4 * (weights + cache)
+    assert decode_bytes(cfg, "float16", 100) == 2 * (weights + cache)
+
+
+def test_bench_runs_every_mode(exported, tmp_path, capsys):
+    model_dir, _ = exported("tiny")
+    report_file, plot_file = tmp_path / "report.json", tmp_path / "report.png"
+    assert main(["bench", str(model_dir), "--new-tokens", "4", "--repeats", "1", "--prompt-tokens", "8",
+                 "--workdir", str(tmp_path / "work"), "--json", str(report_file), "--plot", str(plot_file)]) == 0
+    report = json.loads(report_file.read_text())
+    assert [r["mode"] for r in report["results"]] == ["runtime", "graph", "pynative", "transformers"]
+    for result in report["results"]:
+        assert KEYS <= result.keys(), result.keys() ^ KEYS
+        assert result["decode_steps"] == 3 and result["decode_ms_p50"] > 0
+    assert report["results"][0]["export_s"] > 0 and report["roofline_decode_ms"] > 0
+    assert {"machine", "model", "workload", "bandwidth_gb_s"} <= report.keys()
+    assert plot_file.stat().st_size > 10_000
+    table = capsys.readouterr().out
+    assert "× roofline" in table and "transformers" in table
+
+
+def test_artifacts_alone_need_the_model_for_other_modes(exported, capsys):
+    _, artifacts = exported("tiny")
+    assert main(["bench", str(artifacts), "--modes", "runtime,graph"]) == 2
+    assert "pass --model MODEL_DIR or --modes runtime" in capsys.readouterr().err

@@ -71,7 +71,7 @@ class Metrics:
 HELP = {
     "mindvl_requests_total": "HTTP requests answered, by path and status.",
     "mindvl_request_errors_total": "HTTP requests answered with an error status (>= 400), by status.",
-    "mindvl_cancelled_total": "Generations stopped early: the client left or a stop string was met.",
+    "mindvl_cancelled_total": "Requests dropped before their end: the client left or a stop string was met.",
     "mindvl_prompt_tokens_total": "Prompt tokens of the generations started.",
     "mindvl_completion_tokens_total": "Tokens generated.",
     "mindvl_decode_steps_total": "Decode steps run (one graph call each, for every active row of the batch).",

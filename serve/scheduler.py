@@ -136,7 +136,9 @@ class Scheduler:
             return True
 
     def _drop_cancelled(self, batch: Batch | None) -> Batch | None:
-        self._waiting = deque(job for job in self._waiting if not job.cancelled)
+        waiting = deque(job for job in self._waiting if not job.cancelled)
+        self.metrics.count("mindvl_cancelled_total", len(self._waiting) - len(waiting))
+        self._waiting = waiting
         for generation, job in list(self._running.items()):
             if job.cancelled:
                 batch.remove(generation)

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from media import sample_image, video_frames, write_sample_video
+from media import sample_image, write_sample_video
 from serve_helpers import running_server, user_message
 
 from mindvl.export import export_artifacts

@@ -19,6 +19,7 @@ import mindspore as ms
 import numpy as np
 
 from mindvl import __version__
+from mindvl.device import host_dtype, to_tensor
 from mindvl.errors import ExportError
 from mindvl.qwen2vl.text import TextStep
 from mindvl.qwen2vl.vision import VisionEncoder
@@ -29,7 +30,6 @@ from mindvl.shapes.graphs import GraphSpec, TensorSpec, all_graphs
 from mindvl.shapes.manifest import Manifest, file_sha256
 from mindvl.tensorfile import write_safetensors
 
-MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16, "int32": ms.int32}
 # Files of the model folder the runtime's preprocessing and detokenisation read.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "chat_template.jinja",
                    "generation_config.json", "preprocessor_config.json", "special_tokens_map.json",
@@ -39,8 +39,7 @@ REQUIRED_FILES = ("tokenizer.json", "preprocessor_config.json")
 
 def _placeholder(spec: TensorSpec) -> ms.Tensor:
     """A zero tensor of the spec's shape and dtype: export only needs shapes and dtypes."""
-    host = np.int32 if spec.dtype == "int32" else np.float16 if spec.dtype == "float16" else np.float32
-    return ms.Tensor(np.zeros(spec.shape, host), MS_DTYPES[spec.dtype])
+    return to_tensor(np.zeros(spec.shape, host_dtype(spec.dtype)), spec.dtype)
 
 
 def _export_graph(cfg: ModelConfig, graph: GraphSpec, weights: dict[str, tuple[ms.Tensor, ...]], folder: Path) -> None:
@@ -100,9 +99,8 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
     arrays = load_weights(model_dir, cfg)
     groups = {"vision": vision_weight_names(cfg), "text": text_weight_names(cfg)}
     aliases = {"text.lm_head.weight": "text.embed.weight"} if cfg.text.tie_word_embeddings else {}
-    host = np.float16 if dtype == "float16" else np.float32
-    tensors = {name: ms.Tensor(np.asarray(arrays[name], dtype=host), MS_DTYPES[dtype])
-               for group in groups.values() for name in group}
+    tensors = {name: to_tensor(arrays[name], dtype) for name in arrays if name not in aliases}
+    tensors.update({alias: tensors[name] for alias, name in aliases.items()})
     weights = {group: tuple(tensors[n] for n in names) for group, names in groups.items()}
     log(f"loaded {len(arrays)} tensors from {model_dir} in {time.perf_counter() - start:.1f} s")
 
@@ -113,9 +111,8 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
     try:
         (tmp / "graphs").mkdir(parents=True)
         (tmp / "tokenizer").mkdir()
-        stored = {n: a for n, a in arrays.items() if n not in aliases}
-        write_safetensors(tmp / "weights.safetensors", stored, dtype)
-        del arrays, stored
+        weights_sha256 = write_safetensors(tmp / "weights.safetensors",
+                                           {n: a for n, a in arrays.items() if n not in aliases}, dtype)
         graphs = all_graphs(cfg, buckets, dtype)
         for i, graph in enumerate(graphs, 1):
             begin = time.perf_counter()
@@ -125,7 +122,9 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / "tokenizer" / name)
-        files = {str(p.relative_to(tmp)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+        # The weights were hashed as they were written; the rest is small.
+        files = {str(p.relative_to(tmp)): {"sha256": weights_sha256 if p.name == "weights.safetensors"
+                                           else file_sha256(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = Manifest(
             mindvl_version=__version__, mindspore_version=ms.__version__, model=cfg.to_dict(), dtype=dtype,

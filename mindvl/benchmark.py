@@ -29,6 +29,7 @@ from mindvl.shapes.config import ModelConfig, read_config
 from mindvl.shapes.image import ProcessorConfig, smart_resize
 from mindvl.shapes.manifest import MANIFEST, Manifest
 from mindvl.shapes.processor import Processor
+from mindvl.shapes.prompt import Tokenizer
 
 MODES = ("runtime", "graph", "pynative", "transformers")
 FILLER = "Please describe the picture in careful detail, naming every object, colour, shape and texture you see there. "
@@ -67,7 +68,7 @@ def decode_bytes(cfg: ModelConfig, dtype: str, filled: int) -> int:
 
 def _question(model_dir: Path, tokens: int) -> str:
     """A question of about `tokens` tokens for this model's tokenizer."""
-    tokenizer = Processor(model_dir).tokenizer
+    tokenizer = Tokenizer.from_dir(model_dir)
     words, text = FILLER.split(), ""
     while len(tokenizer.encode(text)) < tokens:
         text += words[len(text.split()) % len(words)] + " "

@@ -17,6 +17,7 @@ from statistics import median
 from mindvl import __version__
 from mindvl.fixtures import write_checkpoint
 from mindvl.samples import sample_image, write_sample_video
+from mindvl.shapes.buckets import BucketSpec
 
 
 def default_cache_dir() -> Path:
@@ -36,15 +37,14 @@ def _default_prompts(folder: Path) -> list[tuple[str, dict]]:
     return [("Describe this image.", {"images": [image]}), ("What happens in this video?", {"videos": [video]})]
 
 
-def _artifacts(model_dir: Path, folder: Path, preset: str) -> Path:
+def _artifacts(model_dir: Path, folder: Path, preset: str, spec: BucketSpec) -> Path:
     """The demo's export of `model_dir`, made once and reused (the runtime re-checks its hashes)."""
     from mindvl.export import export_artifacts
-    from mindvl.shapes.buckets import BucketSpec
 
     out = folder / f"{model_dir.name}-{preset}-artifacts-{__version__}"
     if not (out / "manifest.json").is_file():
         print(f"exporting {model_dir} at bucket preset {preset!r} to {out} ...")
-        export_artifacts(model_dir, out, BucketSpec.preset(preset), force=True, log=lambda line: print("  " + line))
+        export_artifacts(model_dir, out, spec, force=True, log=lambda line: print("  " + line))
     return out
 
 
@@ -64,12 +64,14 @@ def run_demo(model_dir: str | Path | None = None, prompt: str | None = None, ima
         prompts = _default_prompts(folder)
     else:
         prompts = [(prompt or "Describe this.", {"images": list(images), "videos": list(videos)})]
-    # Bad media or an unusable checkpoint fail here, before any export work.
+    # Bad media, an input no bucket fits, or an unusable checkpoint fail here, before any export work; the
+    # prepared inputs (bucketed as the runtime will) then feed the pynative comparison.
     read_config(model_dir)
-    for text, media in prompts:
-        Processor(model_dir).prepare(text, **media)
+    spec = BucketSpec.preset(preset)
+    processor = Processor(model_dir, spec)
+    prepared = [processor.prepare(text, **media).model_inputs() for text, media in prompts]
 
-    artifacts = _artifacts(model_dir, folder, preset)
+    artifacts = _artifacts(model_dir, folder, preset, spec)
     start = time.perf_counter()
     runtime = Runtime.load(artifacts, device=device)
     print(f"runtime loaded {runtime.artifacts.folder} in {time.perf_counter() - start:.1f} s on {runtime.device}"
@@ -77,7 +79,7 @@ def run_demo(model_dir: str | Path | None = None, prompt: str | None = None, ima
     model = None  # the pynative reference is loaded only once the runtime has accepted the inputs
 
     speedups = []
-    for text, media in prompts:
+    for (text, media), inputs in zip(prompts, prepared):
         first = runtime.generate(text, max_new_tokens=max_new_tokens, **media)  # loads the graphs it needs
         out = runtime.generate(text, max_new_tokens=max_new_tokens, **media)
         files = ", ".join(Path(f).name for f in [*media.get("images", []), *media.get("videos", [])])
@@ -91,7 +93,6 @@ def run_demo(model_dir: str | Path | None = None, prompt: str | None = None, ima
 
         if model is None:
             model = load(model_dir, dtype=runtime.artifacts.dtype, device=runtime.device)
-        inputs = runtime.processor.prepare(text, **media).model_inputs()
         del inputs["attention_mask"]
         eager = model.generate(**inputs, max_new_tokens=max_new_tokens, mode="pynative")
         eager_ms = median(eager.decode_ms) if eager.decode_ms else float("nan")

@@ -1,12 +1,24 @@
-"""Which MindSpore device to run on."""
+"""Which MindSpore device to run on, and how host arrays become its tensors."""
 
 from __future__ import annotations
 
 import mindspore as ms
+import numpy as np
 
 from mindvl.errors import UnsupportedError
 
 DEVICES = ("CPU", "Ascend")
+
+
+def host_dtype(dtype: str) -> type:
+    """The numpy type tensors of `dtype` are built from (bfloat16 has none: float32, converted by MindSpore)."""
+    return {"float16": np.float16, "int32": np.int32}.get(dtype, np.float32)
+
+
+def to_tensor(a: np.ndarray, dtype: str) -> ms.Tensor:
+    a = np.ascontiguousarray(a, dtype=host_dtype(dtype))
+    # from_numpy shares the array's memory instead of copying it.
+    return ms.Tensor.from_numpy(a) if dtype != "bfloat16" else ms.Tensor(a, ms.bfloat16)
 
 
 def select_device(device: str | None = None) -> str:

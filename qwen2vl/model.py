@@ -14,9 +14,8 @@ from typing import Callable
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor
-from mindspore import dtype as mstype
 
-from mindvl.device import refuse_bfloat16_on_cpu, select_device
+from mindvl.device import host_dtype, refuse_bfloat16_on_cpu, select_device, to_tensor
 from mindvl.errors import UnsupportedError
 from mindvl.shapes.config import ModelConfig, read_config
 from mindvl.qwen2vl.text import TextStep
@@ -27,7 +26,7 @@ from mindvl.shapes.rope_index import rope_index
 from mindvl.shapes.text_inputs import attention_mask, place_visual
 from mindvl.shapes.vision_inputs import vision_rotary
 
-DTYPES = {"float32": mstype.float32, "float16": mstype.float16, "bfloat16": mstype.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
 MODES = ("graph", "pynative")
 
 
@@ -47,15 +46,14 @@ class Qwen2VL:
             raise UnsupportedError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         self.cfg, self.dtype, self.device = cfg, dtype, select_device(device)
         ms.set_context(mode=ms.PYNATIVE_MODE)
-        ms_dtype = DTYPES[dtype]
         # bfloat16 has no numpy type: the host keeps float32 copies and the device tensors are bfloat16.
-        self.np_dtype = np.float16 if dtype == "float16" else np.float32
+        self.np_dtype = host_dtype(dtype)
         self.embed = np.ascontiguousarray(weights["text.embed.weight"], dtype=self.np_dtype)
 
         def device_tensor(name: str) -> Tensor:
-            if name == "text.lm_head.weight" and cfg.text.tie_word_embeddings and dtype != "bfloat16":
-                return Tensor.from_numpy(self.embed)  # tied: share the host table's memory
-            return Tensor(np.asarray(weights[name], dtype=self.np_dtype), ms_dtype)
+            # Tied: the LM head is the host embedding table itself (to_tensor shares its memory).
+            tied = name == "text.lm_head.weight" and cfg.text.tie_word_embeddings
+            return to_tensor(self.embed if tied else weights[name], dtype)
 
         self.vision_weights = tuple(device_tensor(n) for n in vision_weight_names(cfg))
         self.text_weights = tuple(device_tensor(n) for n in text_weight_names(cfg))
@@ -84,7 +82,7 @@ class Qwen2VL:
         return fn(*args).asnumpy()
 
     def _tensor(self, a: np.ndarray) -> Tensor:
-        return Tensor(np.asarray(a, dtype=self.np_dtype), DTYPES[self.dtype])
+        return to_tensor(a, self.dtype)
 
     def encode_vision(self, pixel_values: np.ndarray, grid_thw: np.ndarray, mode: str = "graph") -> np.ndarray:
         """Merged visual tokens [sum(t*h*w)/merge², hidden] for the patches of one or more images or videos,

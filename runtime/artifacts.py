@@ -14,24 +14,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
+from mindvl.device import host_dtype, to_tensor
 from mindvl.errors import ArtifactError
 from mindvl.shapes.graphs import GraphSpec, kv_cache_specs
 from mindvl.shapes.manifest import MANIFEST, Manifest
 from mindvl.tensorfile import read_safetensors
-
-MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16, "int32": ms.int32}
-
-
-def host_dtype(dtype: str) -> type:
-    """The numpy type tensors of `dtype` are built from (bfloat16: float32, converted by MindSpore)."""
-    return {"float16": np.float16, "int32": np.int32}.get(dtype, np.float32)
-
-
-def to_tensor(a: np.ndarray, dtype: str) -> ms.Tensor:
-    a = np.ascontiguousarray(a, dtype=host_dtype(dtype))
-    # from_numpy shares the array's memory instead of copying it.
-    return ms.Tensor.from_numpy(a) if dtype != "bfloat16" else ms.Tensor(a, ms.bfloat16)
-
 
 class Artifacts:
     def __init__(self, folder: str | Path, verify: bool = True) -> None:
@@ -47,26 +34,21 @@ class Artifacts:
         self.manifest.check_made_by(self.folder, ms.__version__)
         self.config = self.manifest.config
         self.dtype = self.manifest.dtype
-        start = time.perf_counter()
         for relative in self.manifest.files:
-            # Every file must be present at its size now (not halfway through a generation); graph hashes are
-            # checked when a graph is first loaded.
-            rehash = relative.startswith("tokenizer/") or (verify and relative == self.manifest.weights["file"])
-            self.manifest.check_file(self.folder, relative, rehash=rehash)
-        self.verify_seconds = time.perf_counter() - start
-        self._load_weights()
+            # Every file must be present at its size now (not halfway through a generation); the weights are
+            # hashed as they are read, graph files when a graph is first loaded.
+            self.manifest.check_file(self.folder, relative, rehash=relative.startswith("tokenizer/"))
+        self._load_weights(verify)
         self._graphs: dict[str, nn.GraphCell] = {}
         self.graph_load_ms = 0.0  # time spent loading graphs so far, all of it on first use
         self._caches: dict[tuple[int, int], tuple[ms.Tensor, ...]] = {}
 
-    def _load_weights(self) -> None:
+    def _load_weights(self, verify: bool) -> None:
         w = self.manifest.weights
-        path = self.folder / w["file"]
-        if not path.is_file():
-            raise ArtifactError(f"{w['file']} is missing from {self.folder}: the artifact folder is incomplete; "
-                                f"re-export it")
-        # Read straight into memory (no file mapping), once: device tensors and the host embedding table share it.
-        arrays = read_safetensors(path, ArtifactError, "re-export the artifacts", mapped=False)
+        # Read into memory once, hashed in the same pass: device tensors and the host embedding table share it.
+        sha256 = self.manifest.files[w["file"]]["sha256"] if verify else None
+        arrays = read_safetensors(self.folder / w["file"], ArtifactError, "re-export the artifacts", mapped=False,
+                                  sha256=sha256)
         arrays = {name: a.astype(host_dtype(self.dtype), copy=False) for name, a in arrays.items()}
         self.embed = arrays[w["embed"]]
         used = {w["aliases"].get(n, n) for names in w["groups"].values() for n in names}

@@ -18,6 +18,7 @@ from typing import Collection, Sequence
 
 import numpy as np
 
+from mindvl.device import host_dtype
 from mindvl.runtime.artifacts import Artifacts
 from mindvl.runtime.detokenize import StreamDecoder
 from mindvl.runtime.sampling import Sampling, next_token
@@ -85,7 +86,7 @@ class Batch:
         self.artifacts, self.size, self.capacity = artifacts, size, capacity
         self.prefill_lengths = sorted(s for s in prefill_lengths if s <= capacity)
         self.rows: list[Generation | None] = [None] * size
-        self.np_dtype = np.float16 if artifacts.dtype == "float16" else np.float32
+        self.np_dtype = host_dtype(artifacts.dtype)
         self.hidden = artifacts.config.text.hidden_size
         self.call_ms = 0.0  # the last graph call's time
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from mindvl.device import refuse_bfloat16_on_cpu, select_device
+from mindvl.device import host_dtype, refuse_bfloat16_on_cpu, select_device
 from mindvl.errors import RequestError
 from mindvl.runtime.artifacts import Artifacts
 from mindvl.runtime.batch import Batch, Generation, Prompt
@@ -50,7 +50,7 @@ class Runtime:
         self.config = artifacts.config
         self.buckets = BucketSpec.from_dict(artifacts.manifest.buckets)
         self.processor = Processor(artifacts.tokenizer_dir, self.buckets)
-        self.np_dtype = np.float16 if artifacts.dtype == "float16" else np.float32
+        self.np_dtype = host_dtype(artifacts.dtype)
 
     @classmethod
     def load(cls, artifacts: str | Path, device: str | None = None, verify: bool = True) -> Runtime:

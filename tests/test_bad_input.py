@@ -183,6 +183,14 @@ def truncated_weights(model, art, tmp):
     return generate(copy)
 
 
+def tampered_weights(model, art, tmp):
+    copy = copy_artifacts(art, tmp)
+    data = bytearray((copy / "weights.safetensors").read_bytes())
+    data[-100] ^= 0xFF  # same size: only the hash, taken while the weights are read, can tell
+    (copy / "weights.safetensors").write_bytes(bytes(data))
+    return generate(copy)
+
+
 def other_format_version(model, art, tmp):
     return generate(edit_manifest(art, tmp, format_version=99))
 
@@ -257,6 +265,7 @@ BAD_INPUT = {
     tampered_graph: [r"graphs/prefill_b1_s64_c256\.mindir .* does not match its sha256", "re-export"],
     tampered_graph_verify: [r"graphs/vision_224x224\.mindir .* does not match its sha256", "re-export"],
     truncated_weights: [r"weights\.safetensors .* does not match", "re-export"],
+    tampered_weights: [r"weights\.safetensors does not match its recorded sha256", "re-export"],
     other_format_version: ["version 99; this mindvl reads 'mindvl-artifacts' version 1", "re-export with this mindvl"],
     other_format_version_verify: ["version 99; this mindvl reads", "re-export with this mindvl"],
     corrupt_manifest: [r"manifest\.json is corrupt", "re-export"],

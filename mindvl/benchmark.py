@@ -76,7 +76,8 @@ def _question(model_dir: Path, tokens: int) -> str:
 
 
 def _auto_spec(model_dir: Path, image: str, prompt: str, new_tokens: int, dtype: str) -> BucketSpec:
-    """The smallest spec serving this workload: the image's own bucket, a power-of-two prefill, a cache for it."""
+    """The smallest spec serving this workload: the image's own bucket, a prefill of the prompt
+    rounded up to a multiple of 64 (as a bucket ladder would serve it), a cache for it."""
     from PIL import Image
 
     proc = ProcessorConfig.from_dir(model_dir)
@@ -84,7 +85,7 @@ def _auto_spec(model_dir: Path, image: str, prompt: str, new_tokens: int, dtype:
         h, w = smart_resize(im.height, im.width, proc.factor, proc.min_pixels, proc.max_pixels)
     probe = BucketSpec.from_dict({"images": [f"{h}x{w}"], "batch": [1], "prefill": [1 << 20], "cache": [1 << 20]})
     length = Processor(model_dir, probe).prepare(prompt, images=[image]).input_ids.shape[1]
-    prefill = max(64, 1 << (length - 1).bit_length())
+    prefill = -(-length // 64) * 64
     cache = -(-(prefill + new_tokens) // 128) * 128
     return BucketSpec.from_dict({"images": [f"{h}x{w}"], "batch": [1], "prefill": [prefill], "cache": [cache],
                                  "dtype": dtype})

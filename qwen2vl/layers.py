@@ -51,8 +51,8 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return ops.concat((-x[..., half:], x[..., :half]), -1)
+    first, second = ops.split(x, x.shape[-1] // 2, -1)  # see vision.py on StridedSlice
+    return ops.concat((-second, first), -1)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -67,7 +67,7 @@ class TextStep(nn.Cell):
         b, s = x.shape[0], x.shape[1]
         kvh, groups, d = cfg.num_key_value_heads, cfg.kv_groups, cfg.head_dim
         cos, sin = cos.reshape(b, s, 1, d), sin.reshape(b, s, 1, d)
-        q = apply_rotary(linear(x, w[0], w[1]).reshape(b, s, -1, d), cos, sin)
+        q = apply_rotary(linear(x, w[0], w[1]).reshape(b, s, -1, d), cos, sin) * self.scale  # s × d, not s × C
         k = apply_rotary(linear(x, w[2], w[3]).reshape(b, s, kvh, d), cos, sin)
         v = linear(x, w[4], w[5]).reshape(b, s, kvh, d)
         keys = ops.scatter_update(cache_k, rows, k.transpose(0, 2, 1, 3))
@@ -76,7 +76,7 @@ class TextStep(nn.Cell):
         values = values.reshape(b, kvh, -1, d)
         # Query heads of one kv head are stacked along the rows, so GQA needs no copy of the cache.
         q = q.reshape(b, s, kvh, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, groups * s, d)
-        scores = (_bmm_t(q, keys) * self.scale).reshape(b, kvh, groups, s, -1)
+        scores = _bmm_t(q, keys).reshape(b, kvh, groups, s, -1)
         scores = scores + full(mask.reshape(b, 1, 1, s, -1), scores.shape)
         probs = softmax_f32(scores, x.dtype).reshape(b, kvh, groups * s, -1)
         out = _bmm(probs, values).reshape(b, kvh, groups, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, -1)

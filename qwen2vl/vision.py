@@ -32,17 +32,19 @@ class VisionEncoder(nn.Cell):
 
     def attention(self, x: Tensor, w: tuple, cos: Tensor, sin: Tensor) -> Tensor:
         n, g, heads = x.shape[0], self.groups, self.cfg.num_heads
-        qkv = linear(x, w[0], w[1]).reshape(n, 3, heads, -1)
+        # Split, not qkv[:, i]: MindSpore 2.10's CPU StridedSlice took 25 ms per [1024, 1280] slice, Split 1 ms.
+        q, k, v = (t.reshape(n, heads, -1) for t in ops.split(linear(x, w[0], w[1]), self.cfg.embed_dim, -1))
         cos, sin = cos.reshape(n, 1, -1), sin.reshape(n, 1, -1)
 
         def by_group(t: Tensor) -> Tensor:  # [n, heads, d] -> [groups * heads, n / groups, d]
             return t.reshape(g, n // g, heads, -1).transpose(0, 2, 1, 3).reshape(g * heads, n // g, -1)
 
         # Rotary in float32 whatever the model dtype, as the reference does.
-        q = by_group(apply_rotary(qkv[:, 0].astype(mstype.float32), cos, sin).astype(x.dtype))
-        k = by_group(apply_rotary(qkv[:, 1].astype(mstype.float32), cos, sin).astype(x.dtype))
-        probs = softmax_f32(_bmm_t(q, k) * self.scale, x.dtype)
-        out = _bmm(probs, by_group(qkv[:, 2]))
+        q = by_group(apply_rotary(q.astype(mstype.float32), cos, sin).astype(x.dtype) * self.scale)
+        k = by_group(apply_rotary(k.astype(mstype.float32), cos, sin).astype(x.dtype))
+        # The scale goes on q, not on the scores: n × d multiplies per head instead of n × n.
+        probs = softmax_f32(_bmm_t(q, k), x.dtype)
+        out = _bmm(probs, by_group(v))
         out = out.reshape(g, heads, n // g, -1).transpose(0, 2, 1, 3).reshape(n, -1)
         return linear(out, w[2], w[3])
 

@@ -1,10 +1,14 @@
 """`mindvl bench`: every mode runs, the report has its stable keys, the roofline arithmetic is right."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from mindvl.benchmark import decode_bytes
 from mindvl.cli import main
 from mindvl.shapes.config import PRESETS, ModelConfig
+from mindvl.shapes.manifest import Manifest
 
 KEYS = {"mode", "load_s", "cold_start_s", "warmup_s", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_p50",
         "decode_ms_p90", "tokens_per_s", "peak_rss_bytes", "decode_vs_roofline", "decode_steps"}
@@ -41,3 +45,20 @@ def test_artifacts_alone_need_the_model_for_other_modes(exported, capsys):
     _, artifacts = exported("tiny")
     assert main(["bench", str(artifacts), "--modes", "runtime,graph"]) == 2
     assert "pass --model MODEL_DIR or --modes runtime" in capsys.readouterr().err
+
+
+def test_op_profile_accounts_for_a_graph_op_by_op(exported):
+    _, artifacts = exported("tiny")
+    decode = next(g.name for g in Manifest.read(artifacts).graphs if g.kind == "decode")
+    script = Path(__file__).resolve().parent.parent / "bench" / "op_profile.py"
+    run = subprocess.run([sys.executable, str(script), str(artifacts), "--graph", decode, "--runs", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    types, slowest = run.stdout.split("| slowest ops |")
+    shares = [float(line.rsplit("|", 2)[1].strip(" %")) for line in types.splitlines() if line.endswith("% |")]
+    assert "| MatMul |" in types and abs(sum(shares) - 100) < 1, run.stdout
+    ops = [line.split(" | ") for line in slowest.splitlines() if line.endswith("% |")]
+    assert len(ops) == 10 and all("[" in op[1] for op in ops), slowest  # each with its input shapes
+
+    listing = subprocess.run([sys.executable, str(script), str(artifacts)], capture_output=True, text=True, timeout=600)
+    assert listing.returncode != 0 and decode in listing.stderr

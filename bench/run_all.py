@@ -81,13 +81,14 @@ def main() -> None:
     lines = [BEGIN, ""]
     for name, report in reports.items():
         m, w = report["machine"], report["workload"]
+        order = "interleaved repeats" if w["interleaved"] else "repeats, one mode after another"
         lines += [f"### {name}: {report['model']['layers']} decoder layers, hidden {report['model']['hidden_size']}, "
                   f"{report['model']['dtype']}", "",
                   f"Command: `{report['command']}` — {report['date']}, {m['cpu']}, {m['cores']} cores, "
                   f"{m['memory_gib']:.0f} GiB, MindSpore {m['mindspore']}, torch {m['torch']}.",
                   f"Workload: {w['image']} in bucket {w['image_bucket']}, {w['prompt_tokens']} prompt tokens "
-                  f"({w['question_tokens']}-token question), {w['new_tokens']} new tokens, {w['repeats']} interleaved "
-                  f"repeats. Roofline: {report['decode_step_bytes'] / 2**20:,.1f} MB per decode step at "
+                  f"({w['question_tokens']}-token question), {w['new_tokens']} new tokens, {w['repeats']} {order}. "
+                  f"Roofline: {report['decode_step_bytes'] / 2**20:,.1f} MB per decode step at "
                   f"{report['bandwidth_gb_s']:.1f} GB/s = {report['roofline_decode_ms']:.2f} ms/token.", "",
                   *table(report), "", *targets(report, big=name != "tiny"), "",
                   f"![{name}](bench/results/{name}.png)", ""]

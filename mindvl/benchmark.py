@@ -1,7 +1,8 @@
 """`mindvl bench`: runtime (exported MindIR), graph (cells under jit), pynative and transformers, side by side.
 
 Each mode runs in its own worker process (`mindvl.bench_worker`), loaded once; the workers are then asked for
-one generation each in turn, `repeats` times, so every ratio comes from one run on one machine. Alongside:
+one generation each in turn, `repeats` times, so every ratio comes from one run on one machine (when the
+workers' weights cannot all stay in memory at once, the modes run one after another instead). Alongside:
 the machine's memory read bandwidth (numpy, both cores) and the decode roofline, the bytes one decode step
 must read (decoder weights + the KV cache filled so far) divided by that bandwidth.
 """
@@ -117,6 +118,33 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
+def interleave(workers: int, weight_bytes: int) -> bool:
+    """Whether every mode's worker can stay loaded at once, taking turns: their weights together within three
+    quarters of the machine's memory (measured on the 2B shapes: a worker peaks at 1.2–2.3 × its weights, and
+    the workers do not peak at the same time)."""
+    return workers * weight_bytes <= 0.75 * _memory_gib() * 2**30
+
+
+def _measure(modes: tuple[str, ...], setup_file: Path, repeats: int, ready: dict, runs: dict, stats: dict) -> None:
+    """Load one worker per mode, then ask them for a generation each in turn, `repeats` times."""
+    workers = {}
+    try:
+        for mode in modes:
+            log(f"loading {mode} (cold start: process start → first token, then a warm-up generation)")
+            workers[mode] = Worker(mode, setup_file)
+            ready[mode] = workers[mode].ready
+            log(f"  {mode}: cold start {ready[mode]['cold_start_s']:.2f} s")
+            runs[mode] = []
+        for r in range(repeats):
+            for mode in modes:
+                runs[mode].append(workers[mode].ask("run"))
+                log(f"  repeat {r + 1}/{repeats} {mode:<12} decode {median(runs[mode][-1]['decode_ms']):8.2f} ms/token")
+        stats.update({m: w.ask("stats") for m, w in workers.items()})
+    finally:
+        for w in workers.values():
+            w.close()
+
+
 def _summary(mode: str, ready: dict, runs: list[dict], stats: dict, roofline_ms: float,
              extra: dict[str, Any]) -> dict[str, Any]:
     steps = [s for r in runs for s in r["decode_ms"]]
@@ -181,28 +209,23 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
              "prompt": prompt, "new_tokens": new_tokens, "dtype": dtype, "buckets": spec.to_dict(), "device": device}
     (work / "setup.json").write_text(json.dumps(setup))
 
-    workers = {}
-    try:
-        for mode in modes:
-            log(f"loading {mode} (cold start: process start → first token, then a warm-up generation)")
-            workers[mode] = Worker(mode, work / "setup.json")
-            log(f"  {mode}: cold start {workers[mode].ready['cold_start_s']:.2f} s")
-        runs: dict[str, list[dict]] = {m: [] for m in modes}
-        for r in range(repeats):
-            for mode in modes:
-                runs[mode].append(workers[mode].ask("run"))
-                log(f"  repeat {r + 1}/{repeats} {mode:<12} decode {median(runs[mode][-1]['decode_ms']):8.2f} ms/token")
-        stats = {m: w.ask("stats") for m, w in workers.items()}
-    finally:
-        for w in workers.values():
-            w.close()
+    weights = artifacts / "weights.safetensors"
+    weight_bytes = weights.stat().st_size if weights.is_file() else sum(
+        f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    together = interleave(len(modes), weight_bytes)
+    if not together:
+        log(f"{len(modes)} workers holding {weight_bytes / 1e9:.1f} GB of weights each do not fit in memory together: "
+            f"measuring the modes one after another instead of interleaved")
+    ready, runs, stats = {}, {}, {}
+    for group in [modes] if together else [(m,) for m in modes]:
+        _measure(group, work / "setup.json", repeats, ready, runs, stats)
 
     log("measuring memory read bandwidth")
     bandwidth = read_bandwidth()
     prompt_len = Processor(tokenizer_dir, spec).prepare(prompt, images=[image]).input_ids.shape[1]
     step_bytes = decode_bytes(cfg, dtype, prompt_len + new_tokens // 2)
     roofline_ms = step_bytes / bandwidth * 1e3
-    results = [_summary(m, workers[m].ready, runs[m], stats[m], roofline_ms,
+    results = [_summary(m, ready[m], runs[m], stats[m], roofline_ms,
                         {"export_s": export_s} if m == "runtime" else {}) for m in modes]
     return {
         "date": str(date.today()),
@@ -212,7 +235,7 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
                   "vocab_size": cfg.text.vocab_size, "vision_depth": cfg.vision.depth, "dtype": dtype},
         "workload": {"image": Path(image).name, "image_bucket": spec.to_dict().get("images"),
                      "prompt_tokens": prompt_len, "question_tokens": prompt_tokens, "new_tokens": new_tokens,
-                     "repeats": repeats, "prefill": spec.prefill, "cache": spec.cache},
+                     "repeats": repeats, "interleaved": together, "prefill": spec.prefill, "cache": spec.cache},
         "bandwidth_gb_s": bandwidth / 1e9, "decode_step_bytes": step_bytes, "roofline_decode_ms": roofline_ms,
         "results": results,
     }

@@ -36,6 +36,7 @@ def test_bench_runs_every_mode(exported, tmp_path, capsys):
         assert result["decode_steps"] == 3 and result["decode_ms_p50"] > 0
     assert report["results"][0]["export_s"] > 0 and report["roofline_decode_ms"] > 0
     assert {"machine", "model", "workload", "bandwidth_gb_s"} <= report.keys()
+    assert report["workload"]["interleaved"] is True
     assert plot_file.stat().st_size > 10_000
     table = capsys.readouterr().out
     assert "× roofline" in table and "transformers" in table
@@ -62,3 +63,17 @@ def test_op_profile_accounts_for_a_graph_op_by_op(exported):
 
     listing = subprocess.run([sys.executable, str(script), str(artifacts)], capture_output=True, text=True, timeout=600)
     assert listing.returncode != 0 and decode in listing.stderr
+
+
+def test_modes_run_one_after_another_when_their_weights_do_not_fit_together(exported, tmp_path, monkeypatch):
+    from mindvl import benchmark
+
+    assert benchmark.interleave(4, 10**6) and not benchmark.interleave(4, 10**13)
+    monkeypatch.setattr(benchmark, "interleave", lambda workers, weight_bytes: False)
+    model_dir, _ = exported("tiny")
+    report_file = tmp_path / "report.json"
+    assert main(["bench", str(model_dir), "--modes", "runtime,graph", "--new-tokens", "3", "--repeats", "2",
+                 "--prompt-tokens", "8", "--workdir", str(tmp_path / "work"), "--json", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    assert report["workload"]["interleaved"] is False
+    assert [(r["mode"], r["decode_steps"]) for r in report["results"]] == [("runtime", 4), ("graph", 4)]

@@ -5,7 +5,8 @@
 
 Workloads: the tiny random model; the published Qwen2-VL-2B shapes with random weights, decoder cut to
 `--layers`, one 448x448 image and a 32-token question, 64 new tokens. JSON reports and plots go to
-bench/results/; the targets are recomputed from them each time.
+bench/results/; the generated section shows every report stored there (a `--layers 28` run adds its table beside
+the 4-layer one), with the targets recomputed from them each time.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- bench/run_all.py: begin -->", "<!-- bench/run_all.py: end -->"
 
 
-def bench(name: str, model: Path, extra: list[str], work: Path) -> dict:
-    report, plot = RESULTS / f"{name}.json", RESULTS / f"{name}.png"
-    options = ["--json", str(report.relative_to(ROOT)), "--plot", str(plot.relative_to(ROOT)), *extra]
-    print(f"$ mindvl bench {model} {' '.join(options)}", flush=True)
-    subprocess.run([sys.executable, "-m", "mindvl.cli", "bench", str(model), *options, "--workdir", str(work / name)],
-                   check=True, cwd=ROOT)
-    return {"command": f"mindvl bench MODEL_DIR {' '.join(options)}", **json.loads(report.read_text())}
+def options(name: str) -> list[str]:
+    """`mindvl bench` options of one workload, by its report's name ("tiny" or "2b-{layers}layers")."""
+    extra = [] if name == "tiny" else ["--prompt-tokens", "32", "--new-tokens", "64"]
+    return ["--json", f"bench/results/{name}.json", "--plot", f"bench/results/{name}.png", *extra]
+
+
+def bench(name: str, model: Path, work: Path) -> None:
+    print(f"$ mindvl bench {model} {' '.join(options(name))}", flush=True)
+    subprocess.run([sys.executable, "-m", "mindvl.cli", "bench", str(model), *options(name), "--workdir",
+                    str(work / name)], check=True, cwd=ROOT)
 
 
 def table(report: dict) -> list[str]:
@@ -73,18 +77,24 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     tiny = write_checkpoint(work / "models" / "tiny", "tiny")
     two_b = write_checkpoint(work / "models" / f"2b-{args.layers}layers", "2b-shapes", num_hidden_layers=args.layers)
-    reports = {
-        "tiny": bench("tiny", tiny, [], work),
-        f"2b-{args.layers}layers": bench(f"2b-{args.layers}layers", two_b, ["--prompt-tokens", "32", "--new-tokens", "64"],
-                                         work),
-    }
+    bench("tiny", tiny, work)
+    bench(f"2b-{args.layers}layers", two_b, work)
+    refresh()
+
+
+def refresh() -> None:
+    """Rewrite BENCHMARKS.md's generated section from every report in bench/results/."""
+    stored = (json.loads(path.read_text()) | {"name": path.stem} for path in RESULTS.glob("*.json"))
+    reports = sorted(stored, key=lambda r: (r["model"]["hidden_size"], r["model"]["layers"]))
     lines = [BEGIN, ""]
-    for name, report in reports.items():
+    for report in reports:
+        name = report["name"]
         m, w = report["machine"], report["workload"]
         order = "interleaved repeats" if w["interleaved"] else "repeats, one mode after another"
+        command = f"mindvl bench MODEL_DIR {' '.join(options(name))}"
         lines += [f"### {name}: {report['model']['layers']} decoder layers, hidden {report['model']['hidden_size']}, "
                   f"{report['model']['dtype']}", "",
-                  f"Command: `{report['command']}` — {report['date']}, {m['cpu']}, {m['cores']} cores, "
+                  f"Command: `{command}` — {report['date']}, {m['cpu']}, {m['cores']} cores, "
                   f"{m['memory_gib']:.0f} GiB, MindSpore {m['mindspore']}, torch {m['torch']}.",
                   f"Workload: {w['image']} in bucket {w['image_bucket']}, {w['prompt_tokens']} prompt tokens "
                   f"({w['question_tokens']}-token question), {w['new_tokens']} new tokens, {w['repeats']} {order}. "

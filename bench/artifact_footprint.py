@@ -28,7 +28,6 @@ import json, resource, sys, time
 start = time.perf_counter()
 from mindvl.runtime import Runtime
 from mindvl.samples import sample_image
-from mindvl.shapes.graphs import kv_cache_specs
 rt = Runtime.load(sys.argv[1])
 loaded = time.perf_counter()
 if sys.argv[2] == "first-token":

@@ -16,17 +16,16 @@ from pathlib import Path
 from typing import Callable
 
 import mindspore as ms
-import numpy as np
 
 from mindvl import __version__
-from mindvl.device import host_dtype, to_tensor
+from mindvl.device import to_tensor, zeros
 from mindvl.errors import ExportError
 from mindvl.qwen2vl.text import TextStep
 from mindvl.qwen2vl.vision import VisionEncoder
 from mindvl.qwen2vl.weights import load_weights, text_weight_names, vision_weight_names
 from mindvl.shapes.buckets import BucketSpec
 from mindvl.shapes.config import ModelConfig, read_config
-from mindvl.shapes.graphs import GraphSpec, TensorSpec, all_graphs
+from mindvl.shapes.graphs import GraphSpec, all_graphs
 from mindvl.shapes.manifest import Manifest, file_sha256
 from mindvl.tensorfile import write_safetensors
 
@@ -37,17 +36,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jso
 REQUIRED_FILES = ("tokenizer.json", "preprocessor_config.json")
 
 
-def _placeholder(spec: TensorSpec) -> ms.Tensor:
-    """A zero tensor of the spec's shape and dtype: export only needs shapes and dtypes."""
-    return to_tensor(np.zeros(spec.shape, host_dtype(spec.dtype)), spec.dtype)
-
-
 def _export_graph(cfg: ModelConfig, graph: GraphSpec, weights: dict[str, tuple[ms.Tensor, ...]], folder: Path) -> None:
     if graph.weights == "vision":
         cell = VisionEncoder(cfg.vision, graph.bucket["groups"])
     else:
         cell = TextStep(cfg.text, graph.bucket["batch"], graph.bucket["cache"])
-    inputs = [_placeholder(t) for t in graph.inputs + graph.caches]
+    inputs = [zeros(t.shape, t.dtype) for t in graph.inputs + graph.caches]  # export needs shapes and dtypes only
     ms.export(cell, *inputs, *weights[graph.weights], file_name=str(folder / graph.file.removesuffix(".mindir")),
               file_format="MINDIR")
 
@@ -99,9 +93,10 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
     arrays = load_weights(model_dir, cfg)
     groups = {"vision": vision_weight_names(cfg), "text": text_weight_names(cfg)}
     aliases = {"text.lm_head.weight": "text.embed.weight"} if cfg.text.tie_word_embeddings else {}
-    tensors = {name: to_tensor(arrays[name], dtype) for name in arrays if name not in aliases}
-    tensors.update({alias: tensors[name] for alias, name in aliases.items()})
-    weights = {group: tuple(tensors[n] for n in names) for group, names in groups.items()}
+    # Device tensors only for what a graph takes (an untied embedding table stays host-side, as in the runtime).
+    used = {aliases.get(n, n) for names in groups.values() for n in names}
+    tensors = {name: to_tensor(arrays[name], dtype) for name in used}
+    weights = {group: tuple(tensors[aliases.get(n, n)] for n in names) for group, names in groups.items()}
     log(f"loaded {len(arrays)} tensors from {model_dir} in {time.perf_counter() - start:.1f} s")
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ def _runtime(setup: dict) -> Callable[[], dict]:
         out = rt.generate(setup["prompt"], images=setup["images"], max_new_tokens=new_tokens)
         t = out.timings
         return {"vision_ms": t["vision"], "prefill_ms": t["prefill"], "ttft_ms": t["preprocess"] + t["vision"] + t["prefill"],
-                "decode_ms": out.decode_steps_ms, "tokens": len(out.token_ids)}
+                "decode_ms": out.decode_steps_ms}
 
     return run
 
@@ -49,8 +49,7 @@ def _model(setup: dict, mode: str) -> Callable[[], dict]:
         preprocess_ms = (time.perf_counter() - start) * 1e3
         gen = model.generate(**inputs, max_new_tokens=new_tokens, mode=mode, stop_ids=())
         return {"vision_ms": gen.vision_ms, "prefill_ms": gen.prefill_ms,
-                "ttft_ms": preprocess_ms + gen.vision_ms + gen.prefill_ms, "decode_ms": gen.decode_ms,
-                "tokens": len(gen.token_ids)}
+                "ttft_ms": preprocess_ms + gen.vision_ms + gen.prefill_ms, "decode_ms": gen.decode_ms}
 
     return run
 
@@ -93,7 +92,7 @@ def _transformers(setup: dict) -> Callable[[], dict]:
         vision_ms = (vision_span[1] - vision_span[0]) * 1e3
         first = (clock.stamps[0] - preprocess_done) * 1e3
         return {"vision_ms": vision_ms, "prefill_ms": first - vision_ms,
-                "ttft_ms": (preprocess_done - start) * 1e3 + first, "decode_ms": steps, "tokens": len(clock.stamps)}
+                "ttft_ms": (preprocess_done - start) * 1e3 + first, "decode_ms": steps}
 
     return run
 

@@ -95,15 +95,19 @@ def _auto_spec(model_dir: Path, image: str, prompt: str, new_tokens: int, dtype:
 class Worker:
     def __init__(self, mode: str, setup_file: Path) -> None:
         self.mode = mode
-        self.proc = subprocess.Popen([sys.executable, "-m", "mindvl.bench_worker", mode, str(setup_file)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")})
+        # Its log goes to a file: a pipe read only on failure would fill up and stall a chatty worker.
+        self.log = setup_file.parent / f"{mode}.log"
+        with self.log.open("w") as log_file:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mindvl.bench_worker", mode, str(setup_file)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, text=True,
+                                         env={**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")})
         self.ready = self._reply()
 
     def _reply(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            tail = " ".join(self.proc.stderr.read().strip().splitlines()[-1:])
+            self.proc.wait(timeout=60)
+            tail = " ".join(self.log.read_text(errors="replace").strip().splitlines()[-1:])
             raise MindVLError(f"bench mode {self.mode} failed: {tail or 'its worker exited'}; rerun with only the "
                               f"other modes (--modes) or fix the cause")
         return json.loads(line)
@@ -184,7 +188,6 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
         except ImportError:
             log("transformers is not installed: skipping the transformers mode (pip install 'mindvl[test]')")
             modes = tuple(m for m in modes if m != "transformers")
-    cfg = Manifest.read(target).config if is_artifacts else read_config(model_dir)
     tokenizer_dir = target / "tokenizer" if is_artifacts else model_dir
     if image is None:
         image = str(work / "bench-448x448.png")
@@ -192,9 +195,13 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
     prompt = _question(tokenizer_dir, prompt_tokens)
 
     export_s = None
-    artifacts = target if is_artifacts else work / "artifacts"
-    if not is_artifacts and "runtime" in modes:
+    if is_artifacts:
+        manifest = Manifest.read(target)
+        artifacts, cfg, spec = target, manifest.config, BucketSpec.from_dict(manifest.buckets)
+    else:
+        artifacts, cfg = work / "artifacts", read_config(model_dir)
         spec = buckets or _auto_spec(model_dir, image, prompt, new_tokens, dtype)
+    if not is_artifacts and "runtime" in modes:
         (work / "buckets.yaml").write_text(json.dumps(spec.to_dict()))
         log(f"exporting {model_dir} → {artifacts} (buckets: {spec.to_dict()})")
         start = time.perf_counter()
@@ -202,15 +209,12 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
                         "--buckets", str(work / "buckets.yaml"), "--dtype", dtype, "--force"], check=True,
                        stderr=subprocess.DEVNULL)
         export_s = time.perf_counter() - start
-    manifest = Manifest.read(artifacts) if (artifacts / MANIFEST).is_file() else None
-    spec = BucketSpec.from_dict(manifest.buckets) if manifest else (buckets or _auto_spec(model_dir, image, prompt,
-                                                                                          new_tokens, dtype))
     setup = {"artifacts": str(artifacts), "model": str(model_dir) if model_dir else None, "images": [image],
              "prompt": prompt, "new_tokens": new_tokens, "dtype": dtype, "buckets": spec.to_dict(), "device": device}
     (work / "setup.json").write_text(json.dumps(setup))
 
-    weights = artifacts / "weights.safetensors"
-    weight_bytes = weights.stat().st_size if weights.is_file() else sum(
+    exported = is_artifacts or "runtime" in modes  # else work/artifacts may be an earlier run's
+    weight_bytes = (artifacts / "weights.safetensors").stat().st_size if exported else sum(
         f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
     together = interleave(len(modes), weight_bytes)
     if not together:

@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--image", help="image file (default: a 448x448 sample)")
     bench.add_argument("--prompt-tokens", type=int, default=32, help="length of the question in tokens")
     bench.add_argument("--new-tokens", type=int, default=64)
-    bench.add_argument("--repeats", type=int, default=3, help="generations per mode, interleaved across modes")
+    bench.add_argument("--repeats", type=int, default=3, help="generations per mode, interleaved across modes (one "
+                       "mode after another when their weights do not fit in memory together)")
     which = bench.add_mutually_exclusive_group()
     which.add_argument("--buckets", help="bucket spec YAML for the runtime's export (default: fitted to the workload)")
     which.add_argument("--preset", help="bucket preset for the runtime's export")

@@ -21,6 +21,11 @@ def to_tensor(a: np.ndarray, dtype: str) -> ms.Tensor:
     return ms.Tensor.from_numpy(a) if dtype != "bfloat16" else ms.Tensor(a, ms.bfloat16)
 
 
+def zeros(shape: tuple[int, ...], dtype: str) -> ms.Tensor:
+    """A zero tensor: a KV cache before its first write, or a placeholder input for export."""
+    return to_tensor(np.zeros(shape, host_dtype(dtype)), dtype)
+
+
 def select_device(device: str | None = None) -> str:
     """The requested device, else the one this MindSpore package targets (Ascend builds: Ascend), else CPU;
     then make it MindSpore's device."""

@@ -15,18 +15,18 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from mindvl.device import host_dtype, refuse_bfloat16_on_cpu, select_device, to_tensor
+from mindvl.device import host_dtype, refuse_bfloat16_on_cpu, select_device, to_tensor, zeros
 from mindvl.errors import UnsupportedError
 from mindvl.shapes.config import ModelConfig, read_config
 from mindvl.qwen2vl.text import TextStep
 from mindvl.qwen2vl.vision import VisionEncoder
 from mindvl.qwen2vl.weights import load_weights, text_weight_names, vision_weight_names
+from mindvl.shapes.buckets import DTYPES
 from mindvl.shapes.graphs import kv_cache_specs
-from mindvl.shapes.rope_index import rope_index
+from mindvl.shapes.rope_index import decode_position_ids, rope_index
 from mindvl.shapes.text_inputs import attention_mask, place_visual
 from mindvl.shapes.vision_inputs import vision_rotary
 
-DTYPES = ("float32", "float16", "bfloat16")
 MODES = ("graph", "pynative")
 
 
@@ -36,7 +36,6 @@ class Generation:
     vision_ms: float
     prefill_ms: float  # embedding the prompt and the prefill step, vision excluded
     decode_ms: list[float] = field(default_factory=list)
-    top2_margins: list[float] = field(default_factory=list)
 
 
 class Qwen2VL:
@@ -66,8 +65,7 @@ class Qwen2VL:
         prefill and decode are the same cell called with different sequence lengths."""
         key = (batch, capacity)
         if key not in self._steps:
-            caches = tuple(self._tensor(np.zeros(c.shape, self.np_dtype))
-                           for c in kv_cache_specs(self.cfg, batch, capacity, self.dtype))
+            caches = tuple(zeros(c.shape, c.dtype) for c in kv_cache_specs(self.cfg, batch, capacity, self.dtype))
             self._steps[key] = (TextStep(self.cfg.text, batch, capacity), caches)
         return self._steps[key]
 
@@ -78,7 +76,9 @@ class Qwen2VL:
         fn = cell
         if mode == "graph":
             # Cells live as long as the model (kept in self._vision / self._steps), so id() is stable.
-            fn = self._graphs.setdefault(id(cell), ms.jit(cell))
+            if id(cell) not in self._graphs:
+                self._graphs[id(cell)] = ms.jit(cell)
+            fn = self._graphs[id(cell)]
         return fn(*args).asnumpy()
 
     def _tensor(self, a: np.ndarray) -> Tensor:
@@ -160,18 +160,14 @@ class Qwen2VL:
         out = Generation(token_ids=[], vision_ms=(vision_done - start) * 1e3,
                          prefill_ms=(time.perf_counter() - vision_done) * 1e3)
         for slot in range(s, capacity):
-            row = logits[0, -1]
-            top2 = np.partition(row, -2)[-2:]
-            out.top2_margins.append(float(top2[1] - top2[0]))
-            token = int(row.argmax())
+            token = int(logits[0, -1].argmax())
             out.token_ids.append(token)
             if token in stop_ids or slot == capacity - 1:
                 break
             start = time.perf_counter()
             key_valid[:, slot] = True
-            pos = np.full((3, 1, 1), slot, np.int64) + rope_deltas.reshape(1, 1, 1)
-            logits = self._step(step, self.embed[[[token]]], pos, np.array([[slot]]), key_valid,
-                                np.zeros((1, 1)), mode)
+            logits = self._step(step, self.embed[[[token]]], decode_position_ids(rope_deltas, slot),
+                                np.array([[slot]]), key_valid, np.zeros((1, 1)), mode)
             out.decode_ms.append((time.perf_counter() - start) * 1e3)
         return out
 

@@ -14,11 +14,21 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from mindvl.device import host_dtype, to_tensor
+from mindvl.device import host_dtype, to_tensor, zeros
 from mindvl.errors import ArtifactError
 from mindvl.shapes.graphs import GraphSpec, kv_cache_specs
 from mindvl.shapes.manifest import MANIFEST, Manifest
 from mindvl.tensorfile import read_safetensors
+
+def load_graph(folder: Path, manifest: Manifest, spec: GraphSpec) -> nn.GraphCell:
+    """One graph of an artifact folder, its file's hash checked, or an ArtifactError that says why not."""
+    path = manifest.check_file(folder, spec.file)
+    try:
+        return nn.GraphCell(ms.load(str(path)))
+    except (RuntimeError, ValueError) as e:
+        raise ArtifactError(f"{spec.file} cannot be loaded by MindSpore {ms.__version__} "
+                            f"({' '.join(str(e).split())[:200]}); re-export the artifacts") from None
+
 
 class Artifacts:
     def __init__(self, folder: str | Path, verify: bool = True) -> None:
@@ -67,23 +77,15 @@ class Artifacts:
         """The compiled graph, loaded (and its file hash checked) the first time it is needed."""
         if spec.name not in self._graphs:
             start = time.perf_counter()
-            path = self.manifest.check_file(self.folder, spec.file)
-            try:
-                self._graphs[spec.name] = nn.GraphCell(ms.load(str(path)))
-            except (RuntimeError, ValueError) as e:
-                raise ArtifactError(f"{spec.file} cannot be loaded by MindSpore {ms.__version__} "
-                                    f"({' '.join(str(e).split())[:200]}); re-export the artifacts") from None
+            self._graphs[spec.name] = load_graph(self.folder, self.manifest, spec)
             self.graph_load_ms += (time.perf_counter() - start) * 1e3
         return self._graphs[spec.name]
-
-    def loaded_graphs(self) -> list[str]:
-        return sorted(self._graphs)
 
     def caches(self, batch: int, capacity: int) -> tuple[ms.Tensor, ...]:
         """The KV cache of one (batch, capacity), allocated once; every text graph of that size updates it."""
         key = (batch, capacity)
         if key not in self._caches:
-            self._caches[key] = tuple(to_tensor(np.zeros(c.shape, host_dtype(c.dtype)), c.dtype)
+            self._caches[key] = tuple(zeros(c.shape, c.dtype)
                                       for c in kv_cache_specs(self.config, batch, capacity, self.dtype))
         return self._caches[key]
 

@@ -22,7 +22,7 @@ from mindvl.device import host_dtype
 from mindvl.runtime.artifacts import Artifacts
 from mindvl.runtime.detokenize import StreamDecoder
 from mindvl.runtime.sampling import Sampling, next_token
-from mindvl.shapes.graphs import text_graph
+from mindvl.shapes.graphs import GraphSpec, text_graph
 from mindvl.shapes.text_inputs import attention_mask
 
 
@@ -89,6 +89,7 @@ class Batch:
         self.np_dtype = host_dtype(artifacts.dtype)
         self.hidden = artifacts.config.text.hidden_size
         self.call_ms = 0.0  # the last graph call's time
+        self._specs: dict[int, GraphSpec] = {}  # by sequence length: built once, not every decode step
 
     @property
     def active(self) -> list[Generation]:
@@ -100,9 +101,7 @@ class Batch:
 
     def graph_names(self, prompt_length: int) -> tuple[str, str]:
         """The prefill and decode graphs a prompt of this length goes through."""
-        cfg, dtype = self.artifacts.config, self.artifacts.dtype
-        return (text_graph(cfg, self.size, self._prefill_length(prompt_length), self.capacity, dtype).name,
-                text_graph(cfg, self.size, 1, self.capacity, dtype).name)
+        return self._spec(self._prefill_length(prompt_length)).name, self._spec(1).name
 
     def remove(self, generation: Generation) -> None:
         """Free the row of a generation that is abandoned before it ended."""
@@ -141,6 +140,11 @@ class Batch:
     def _prefill_length(self, prompt_length: int) -> int:
         return min(s for s in self.prefill_lengths if s >= prompt_length)
 
+    def _spec(self, seq: int) -> GraphSpec:
+        if seq not in self._specs:
+            self._specs[seq] = text_graph(self.artifacts.config, self.size, seq, self.capacity, self.artifacts.dtype)
+        return self._specs[seq]
+
     def _idle_inputs(self, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(embeds, position_ids, cache_positions, key_valid) of a call in which every row idles: it writes to
         and sees only its slot `fill` (slot 0 when the row is free)."""
@@ -155,9 +159,8 @@ class Batch:
 
     def _run(self, seq: int, embeds: np.ndarray, positions: np.ndarray, slots: np.ndarray, key_valid: np.ndarray,
              logits_index: np.ndarray) -> np.ndarray:
-        spec = text_graph(self.artifacts.config, self.size, seq, self.capacity, self.artifacts.dtype)
         start = time.perf_counter()
-        logits = self.artifacts.run(spec, {"embeds": embeds, "position_ids": positions, "cache_positions": slots,
+        logits = self.artifacts.run(self._spec(seq), {"embeds": embeds, "position_ids": positions, "cache_positions": slots,
                                            "mask": attention_mask(key_valid, slots, self.np_dtype),
                                            "logits_index": logits_index})
         self.call_ms = (time.perf_counter() - start) * 1e3

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from mindvl.device import host_dtype, refuse_bfloat16_on_cpu, select_device
+from mindvl.device import refuse_bfloat16_on_cpu, select_device
 from mindvl.errors import RequestError
 from mindvl.runtime.artifacts import Artifacts
 from mindvl.runtime.batch import Batch, Generation, Prompt
@@ -50,7 +50,6 @@ class Runtime:
         self.config = artifacts.config
         self.buckets = BucketSpec.from_dict(artifacts.manifest.buckets)
         self.processor = Processor(artifacts.tokenizer_dir, self.buckets)
-        self.np_dtype = host_dtype(artifacts.dtype)
 
     @classmethod
     def load(cls, artifacts: str | Path, device: str | None = None, verify: bool = True) -> Runtime:
@@ -86,7 +85,7 @@ class Runtime:
         out.timings["preprocess"] = (time.perf_counter() - start) * 1e3
         length = prepared.input_ids.shape[1]
         text = choose_text_buckets(length, max_new_tokens, self.buckets)
-        batch = Batch(self.artifacts, 1, text.cache, self.buckets.prefill)
+        batch = Batch(self.artifacts, text.batch, text.cache, self.buckets.prefill)
         prefill, decode = batch.graph_names(length)
         out.prompt_tokens = length
         out.buckets = {"prefill": prefill, "decode": decode, "prefill_padding_tokens": text.padding_tokens,
@@ -130,7 +129,7 @@ class Runtime:
     def _embed(self, prepared: Prepared) -> tuple[np.ndarray, list[str]]:
         """Token embeddings with each image's and video's visual tokens over its pad tokens."""
         v, dtype = self.config.vision, self.artifacts.dtype
-        embeds = self.artifacts.embed[prepared.input_ids].astype(self.np_dtype)
+        embeds = self.artifacts.embed[prepared.input_ids]  # a copy, in the host dtype already
         names = []
         for kind, token_id in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
             features = []

@@ -129,40 +129,36 @@ class Completions:
             if isinstance(event, Done):
                 return
 
+    async def _answer(self, job: Job, chat: ChatRequest, arrived: float) -> AsyncIterator[tuple[str, str, int]]:
+        """(text piece, finish reason so far, tokens so far) per token, with the request's stop strings applied."""
+        stops, count = StopText(chat.stops), 0
+        async for event in self._tokens(job, arrived):
+            if isinstance(event, Done):
+                yield stops.flush(), event.finish_reason, count
+                return
+            count += 1
+            yield stops.push(event.text), "stop" if stops.stopped else "length", count
+            if stops.stopped:
+                return
+
     async def _collect(self, job: Job, chat: ChatRequest, envelope: Envelope, arrived: float,
                        receive: Receive) -> dict:
         watcher = asyncio.create_task(_until_disconnect(receive, job))
         try:
-            stops, text, count, finish = StopText(chat.stops), [], 0, "length"
-            async for event in self._tokens(job, arrived):
-                if isinstance(event, Done):
-                    finish = event.finish_reason
-                    text.append(stops.flush())
-                    break
-                count += 1
-                text.append(stops.push(event.text))
-                if stops.stopped:
-                    finish = "stop"
-                    break
+            text, finish, count = [], "length", 0
+            async for piece, finish, count in self._answer(job, chat, arrived):
+                text.append(piece)
             return envelope.completion("".join(text), finish, job.prompt_tokens, count)
         finally:
             watcher.cancel()
 
     async def _chunks(self, job: Job, chat: ChatRequest, envelope: Envelope, arrived: float) -> AsyncIterator[bytes]:
         yield envelope.chunk({"role": "assistant", "content": ""})
-        stops, count, finish = StopText(chat.stops), 0, "length"
+        finish, count = "length", 0
         try:
-            async for event in self._tokens(job, arrived):
-                if isinstance(event, Done):
-                    finish, piece = event.finish_reason, stops.flush()
-                else:
-                    count += 1
-                    piece = stops.push(event.text)
-                    finish = "stop" if stops.stopped else finish
+            async for piece, finish, count in self._answer(job, chat, arrived):
                 if piece:
                     yield envelope.chunk({"content": piece})
-                if isinstance(event, Done) or stops.stopped:
-                    break
         except ServeError as e:  # the status line is sent already: the error goes in the stream, as OpenAI does
             yield sse(e.body())
             yield DONE

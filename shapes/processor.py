@@ -8,6 +8,7 @@ chooses, and the choice is reported.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -19,7 +20,7 @@ from mindvl.errors import MediaError
 from mindvl.shapes.buckets import (BucketError, BucketSpec, ImageChoice, VideoChoice, choose_image_bucket,
                                    choose_video_bucket)
 from mindvl.shapes.image import ProcessorConfig, load_image, prepare_frame, preprocess_images, to_patches
-from mindvl.shapes.prompt import Tokenizer, chat_prompt, expand_vision_pads, user_turn
+from mindvl.shapes.prompt import ChatTemplate, Tokenizer, expand_vision_pads, user_turn
 from mindvl.shapes.video import load_video, preprocess_video, read_video
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -75,6 +76,11 @@ class Processor:
         self.tokenizer = Tokenizer.from_dir(self.folder)
         self.buckets = buckets
 
+    @functools.cached_property
+    def chat_template(self) -> ChatTemplate:
+        """Read on first use (not every request), so a folder without one fails only when a prompt needs it."""
+        return ChatTemplate(self.folder)
+
     def __call__(self, text: str, images: Sequence[ImageInput] = (),
                  videos: Sequence[VideoInput] = ()) -> dict[str, np.ndarray]:
         return self.prepare(text, images, videos).model_inputs()
@@ -84,12 +90,12 @@ class Processor:
 
     def prepare_chat(self, messages: Sequence[dict], images: Sequence[ImageInput] = (),
                      videos: Sequence[VideoInput] = ()) -> Prepared:
-        """A conversation in the chat template's form (see `chat_prompt`); its {"type": "image"} and
+        """A conversation in the chat template's form (see `ChatTemplate.render`); its {"type": "image"} and
         {"type": "video"} parts take `images` and `videos`, in order."""
         visuals = [_named(i, lambda i=i: self._image(i)) for i in images]
         visuals += [_named(v, lambda v=v: self._video(v)) for v in videos]
         pads = Prepared(np.zeros((1, 0), np.int64), tuple(visuals))
-        prompt = chat_prompt(self.folder, messages)
+        prompt = self.chat_template.render(messages)
         prompt = expand_vision_pads(prompt, pads.grid_thw("image"), pads.grid_thw("video"), self.config.merge_size)
         return Prepared(self.tokenizer.encode(prompt)[None], tuple(visuals))
 

@@ -43,20 +43,25 @@ def build_prompt(tokenizer_dir: str | os.PathLike, text: str, n_images: int, n_v
     return chat_prompt(tokenizer_dir, [user_turn(text, n_images, n_videos)])
 
 
+class ChatTemplate:
+    """A folder's chat template and the special tokens it is rendered with, read once."""
+
+    def __init__(self, tokenizer_dir: str | os.PathLike) -> None:
+        folder = Path(tokenizer_dir)
+        config = _optional_json(folder / "tokenizer_config.json")
+        self.special = {key: _token_text(config[key]) for key in _SPECIAL_TOKEN_KEYS if config.get(key)}
+        self.template = _compile(_chat_template(folder, config))
+
+    def render(self, messages: Sequence[dict]) -> str:
+        """A whole conversation (role/content messages; content a string or a list of {"type": "text" | "image" |
+        "video"} parts), with the generation prompt."""
+        return self.template.render(messages=list(messages), tools=None, documents=None, add_generation_prompt=True,
+                                    **self.special)
+
+
 def chat_prompt(tokenizer_dir: str | os.PathLike, messages: Sequence[dict]) -> str:
-    """A whole conversation (role/content messages; content a string or a list of {"type": "text" | "image" |
-    "video"} parts) through the folder's chat template, with the generation prompt."""
-    folder = Path(tokenizer_dir)
-    tokenizer_config = _optional_json(folder / "tokenizer_config.json")
-    special = {key: _token_text(tokenizer_config[key]) for key in _SPECIAL_TOKEN_KEYS if tokenizer_config.get(key)}
-    template = _compile(_chat_template(folder, tokenizer_config))
-    return template.render(
-        messages=list(messages),
-        tools=None,
-        documents=None,
-        add_generation_prompt=True,
-        **special,
-    )
+    """A whole conversation through the folder's chat template (see `ChatTemplate.render`)."""
+    return ChatTemplate(tokenizer_dir).render(messages)
 
 
 def expand_vision_pads(

@@ -2,7 +2,7 @@
 ONE line `mindvl: error: …` that names the problem and the fix, no traceback, nothing on stdout, and nothing
 written or changed on disk (no new folder, no leftover temporary folder, the artifact folder untouched).
 
-The tiny model is exported once per module; cases that damage an artifact folder damage a copy.
+The tiny model is exported once per session; cases that damage an artifact folder damage a copy.
 """
 
 import json

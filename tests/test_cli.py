@@ -15,8 +15,8 @@ from mindvl.fixtures import write_checkpoint
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("cli") / "tiny", "tiny")
+def tiny(checkpoint):
+    return checkpoint("tiny")
 
 
 def test_demo_runs_end_to_end(tmp_path):

@@ -8,13 +8,12 @@ from media import PROMPTS
 from reference import hf_inputs
 
 from mindvl.errors import UnsupportedError
-from mindvl.fixtures import write_checkpoint
 from mindvl.qwen2vl import load
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("dtypes") / "tiny", "tiny")
+def model_dir(checkpoint):
+    return checkpoint("tiny")
 
 
 @functools.cache

@@ -37,8 +37,8 @@ def tensor(model_dir, name: str) -> np.ndarray | None:
 
 
 @pytest.fixture(scope="module", params=TINY)
-def tiny_dir(request, tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp(request.param) / "model", request.param)
+def tiny_dir(request, checkpoint):
+    return checkpoint(request.param)
 
 
 def test_same_seed_same_bytes_and_reuse(tmp_path):

@@ -12,7 +12,6 @@ import pytest
 from media import PROMPTS
 from reference import hf_greedy, hf_inputs, hf_logits, hf_vision
 
-from mindvl.fixtures import write_checkpoint
 from mindvl.qwen2vl import load
 
 PRESETS = ("tiny", "tiny-gqa3")
@@ -20,8 +19,8 @@ MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_vid
 
 
 @pytest.fixture(scope="module", params=PRESETS)
-def model_dir(request, tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp(request.param) / "model", request.param)
+def model_dir(request, checkpoint):
+    return checkpoint(request.param)
 
 
 @functools.cache

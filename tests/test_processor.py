@@ -5,13 +5,12 @@ import pytest
 from media import PROMPTS
 from reference import hf_inputs
 
-from mindvl.fixtures import write_checkpoint
 from mindvl.shapes.processor import Processor
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("proc") / "tiny", "tiny")
+def model_dir(checkpoint):
+    return checkpoint("tiny")
 
 
 @pytest.mark.parametrize("kind", PROMPTS)

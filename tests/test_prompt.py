@@ -9,7 +9,7 @@ from reference import hf_inputs
 from transformers import AutoTokenizer
 
 from mindvl.errors import CheckpointError, MediaError
-from mindvl.fixtures import SPECIAL_TOKENS, write_checkpoint
+from mindvl.fixtures import SPECIAL_TOKENS
 from mindvl.shapes.prompt import Tokenizer, build_prompt, expand_vision_pads
 
 TEXT = "Héllo  wörld!\n\n  日本語 🙂 What's in 3 pictures?"
@@ -33,8 +33,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("prompt") / "tiny", "tiny")
+def model_dir(checkpoint):
+    return checkpoint("tiny")
 
 
 @pytest.fixture(scope="module")

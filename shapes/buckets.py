@@ -39,7 +39,7 @@ import yaml
 
 from mindvl.errors import MindVLError
 from mindvl.shapes.image import one_line, smart_resize
-from mindvl.shapes.video import sample_frame_indices
+from mindvl.shapes.video import FPS, MAX_FRAMES, MIN_FRAMES, sample_frame_indices
 
 KEYS = ("images", "videos", "batch", "prefill", "cache", "dtype")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -301,7 +301,7 @@ def choose_image_bucket(
 
 def choose_video_bucket(
     total_frames: int, native_fps: float, height: int, width: int, buckets: Sequence[VideoBucket], *,
-    factor: int, min_pixels: int, max_pixels: int, fps: float = 2.0,
+    factor: int, min_pixels: int, max_pixels: int, fps: float = FPS,
 ) -> VideoChoice:
     """The video rule of the module docstring."""
     if not buckets:
@@ -316,7 +316,8 @@ def choose_video_bucket(
         raise BucketError(f"video has {clip}; the smallest video bucket ({smallest.name}) needs {smallest.frames} "
                           f"and frames are never repeated: {fix}")
     # No rate in the header: take the frames as already at the sampling rate, as load_video does.
-    want = len(sample_frame_indices(total_frames, native_fps or fps, fps=fps, min_frames=4, max_frames=768))
+    want = len(sample_frame_indices(total_frames, native_fps or fps, fps=fps, min_frames=MIN_FRAMES,
+                                    max_frames=MAX_FRAMES))
     frames = min({b.frames for b in fitting}, key=lambda f: (abs(f - want), -f))
     same = [b for b in fitting if b.frames == frames]
     bucket, native = _fit(height, width, same, factor, min_pixels, max_pixels, f"{frames}-frame video",

@@ -173,12 +173,19 @@ def preprocess_images(
         height, width = frame.shape[:2]
         if cfg.do_resize:
             height, width = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
-        p, grid = to_patches(prepare_frame(frame, height, width, cfg)[None], cfg)
+        p, grid = patchify(frame[None], height, width, cfg)
         patches.append(p)
         grids.append(grid)
     patch_dim = 3 * cfg.temporal_patch_size * cfg.patch_size**2
     pixel_values = np.concatenate(patches) if patches else np.zeros((0, patch_dim), np.float32)
     return pixel_values, np.array(grids, dtype=np.int64).reshape(-1, 3)
+
+
+def patchify(frames: np.ndarray, height: int, width: int, cfg: ProcessorConfig) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [T, H, W, 3] frames, each resized to height x width -> (patches float32 [t*h*w, 3*T*P*P],
+    grid int64 [3]): one image (T = 1) or one video."""
+    pixels, grid = to_patches(np.stack([prepare_frame(f, height, width, cfg) for f in frames]), cfg)
+    return pixels, np.array(grid, np.int64)
 
 
 def prepare_frame(frame: np.ndarray, height: int, width: int, cfg: ProcessorConfig) -> np.ndarray:

@@ -19,7 +19,7 @@ from PIL import Image
 from mindvl.errors import MediaError
 from mindvl.shapes.buckets import (BucketError, BucketSpec, ImageChoice, VideoChoice, choose_image_bucket,
                                    choose_video_bucket)
-from mindvl.shapes.image import ProcessorConfig, load_image, prepare_frame, preprocess_images, to_patches
+from mindvl.shapes.image import ProcessorConfig, load_image, patchify, preprocess_images
 from mindvl.shapes.prompt import ChatTemplate, Tokenizer, expand_vision_pads, user_turn
 from mindvl.shapes.video import load_video, preprocess_video, read_video
 
@@ -111,9 +111,8 @@ class Processor:
             return Visual("image", pixels, grid[0], None)
         frame = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
         choice = choose_image_bucket(frame.shape[0], frame.shape[1], self.buckets.images, **self._fit_args())
-        pixels, grid = to_patches(prepare_frame(frame, choice.bucket.height, choice.bucket.width, self.config)[None],
-                                  self.config)
-        return Visual("image", pixels, np.array(grid, np.int64), choice)
+        pixels, grid = patchify(frame[None], choice.bucket.height, choice.bucket.width, self.config)
+        return Visual("image", pixels, grid, choice)
 
     def _video(self, video: VideoInput) -> Visual:
         if self.buckets is None:
@@ -123,8 +122,8 @@ class Processor:
         chosen: list[VideoChoice] = []
 
         def pick(total: int, native_fps: float, height: int, width: int) -> np.ndarray:
-            # Frames without a rate (arrays, some containers) are taken as already sampled at 2 fps.
-            chosen.append(choose_video_bucket(total, native_fps or 2.0, height, width, self.buckets.videos,
+            # Frames without a rate (arrays, some containers: 0) are taken as already at the sampling rate.
+            chosen.append(choose_video_bucket(total, native_fps, height, width, self.buckets.videos,
                                               **self._fit_args()))
             return chosen[-1].frame_indices
 
@@ -133,6 +132,5 @@ class Processor:
         else:
             frames = np.asarray(video)[pick(len(video), 0.0, video.shape[1], video.shape[2])]
         bucket = chosen[-1].bucket
-        prepared = np.stack([prepare_frame(f, bucket.height, bucket.width, self.config) for f in frames])
-        pixels, grid = to_patches(prepared, self.config)
-        return Visual("video", pixels, np.array(grid, np.int64), chosen[-1])
+        pixels, grid = patchify(frames, bucket.height, bucket.width, self.config)
+        return Visual("video", pixels, grid, chosen[-1])

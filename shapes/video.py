@@ -20,10 +20,15 @@ import av
 import numpy as np
 
 from mindvl.errors import MediaError
-from mindvl.shapes.image import ProcessorConfig, one_line, prepare_frame, require_file, smart_resize, to_patches
+from mindvl.shapes.image import ProcessorConfig, one_line, patchify, require_file, smart_resize
 
 
-def load_video(path: Union[str, Path], *, fps: float = 2.0, min_frames: int = 4, max_frames: int = 768) -> np.ndarray:
+# Qwen2-VL's video sampling: frames per second kept, and the bounds on how many.
+FPS, MIN_FRAMES, MAX_FRAMES = 2.0, 4, 768
+
+
+def load_video(path: Union[str, Path], *, fps: float = FPS, min_frames: int = MIN_FRAMES,
+               max_frames: int = MAX_FRAMES) -> np.ndarray:
     """Decode `fps` frames per second of video, uniformly spread, as uint8 RGB [T, H, W, 3]; see
     `sample_frame_indices` for the rule. T is even and at least 2."""
 
@@ -87,9 +92,8 @@ def preprocess_video(frames: np.ndarray, cfg: ProcessorConfig) -> tuple[np.ndarr
     height, width = frames.shape[1:3]
     if cfg.do_resize:
         height, width = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
-    prepared = np.stack([prepare_frame(f, height, width, cfg) for f in frames])
-    patches, grid = to_patches(prepared, cfg)
-    return patches, np.array([grid], dtype=np.int64)
+    patches, grid = patchify(frames, height, width, cfg)
+    return patches, grid[None]
 
 
 def _probe(path: Path) -> tuple[int, float, int, int]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -19,14 +21,14 @@ import mindspore as ms
 
 from mindvl import __version__
 from mindvl.device import to_tensor, zeros
-from mindvl.errors import ExportError
+from mindvl.errors import ArtifactError, ExportError
 from mindvl.qwen2vl.text import TextStep
 from mindvl.qwen2vl.vision import VisionEncoder
 from mindvl.qwen2vl.weights import load_weights, text_weight_names, vision_weight_names
 from mindvl.shapes.buckets import BucketSpec
 from mindvl.shapes.config import ModelConfig, read_config
 from mindvl.shapes.graphs import GraphSpec, all_graphs
-from mindvl.shapes.manifest import Manifest, file_sha256
+from mindvl.shapes.manifest import MANIFEST, Manifest, file_sha256
 from mindvl.tensorfile import write_safetensors
 
 # Files of the model folder the runtime's preprocessing and detokenisation read.
@@ -46,36 +48,80 @@ def _export_graph(cfg: ModelConfig, graph: GraphSpec, weights: dict[str, tuple[m
               file_format="MINDIR")
 
 
-def _prepare_target(out: Path, force: bool) -> None:
+def _check_target(out: Path, model_dir: Path, force: bool) -> None:
+    """Refuse a target whose replacement would delete what is not ours: only an empty folder, or with `force` a
+    folder holding a manifest this mindvl reads, may be replaced; never a link, the model or a folder holding it."""
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link: export replaces folders, never links or what they point to; "
+                          f"choose another -o folder")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file, not a folder: choose another -o folder")
-    if out.exists() and any(out.iterdir()) and not force:
+    model, target = model_dir.resolve(), out.resolve()
+    if target == model or target in model.parents:
+        what = "is the model folder" if target == model else f"holds the model folder {model_dir}"
+        raise ExportError(f"{out} {what}: export would replace it; choose another -o folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not force:
         raise ExportError(f"{out} is not empty: pass --force to replace it, or choose another -o folder")
+    try:
+        Manifest.read(out)
+    except ArtifactError:
+        raise ExportError(f"{out} holds no {MANIFEST} this mindvl can read: --force only replaces mindvl artifact "
+                          f"folders; choose another -o folder or empty it yourself") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # alive but another user's, or too large to be a pid: leave it alone
+        pass
+    return True
 
 
 def _remove_dead_partials(out: Path) -> None:
-    """Delete the temporary folders that exports into `out` left when they were killed (their process is gone)."""
+    """Delete the temporary folders that exports into `out` left when they were killed: their process is gone, or
+    is this one (a dead export had our pid). Only real folders named exactly like ours, never through a link."""
+    ours = re.compile(rf"\.{re.escape(out.name)}\.partial-(\d+)")
     for leftover in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
-        pid = leftover.name.rsplit("-", 1)[1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        match = ours.fullmatch(leftover.name)
+        if match and leftover.is_dir() and not leftover.is_symlink() \
+                and (int(match[1]) == os.getpid() or not _alive(int(match[1]))):
             shutil.rmtree(leftover, ignore_errors=True)
-        except OSError:  # alive, but another user's
-            pass
 
 
-def _place(tmp: Path, out: Path) -> None:
-    """Swap the finished folder into place; a replaced export is removed only after the swap."""
+def _set_file_modes(folder: Path, like: Path) -> None:
+    """Give every file the mode of `like`, a file this process created, i.e. what the umask gives a new file:
+    MindSpore writes graphs owner read-only (0400), which would keep a service account from serving an export
+    another account made. (Folders were created here, so the umask already set theirs.)"""
+    mode = stat.S_IMODE(like.stat().st_mode)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
+def _place(tmp: Path, out: Path, model_dir: Path, force: bool) -> None:
+    """Swap the finished folder into place; a replaced export is removed only after the swap, and put back if the
+    swap fails."""
+    _check_target(out, model_dir, force)  # again: the export took a while, and the target may have changed
     if not out.exists():
         os.rename(tmp, out)
         return
     old = out.parent / f".{out.name}.replaced-{os.getpid()}"
     os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old)
+    try:
+        os.rename(tmp, out)
+    except OSError as e:
+        os.rename(old, out)
+        raise ExportError(f"cannot move the new export into {out} ({e.strerror}), so it was left as it was; check "
+                          f"that {out.parent} is writable and export again") from None
+    try:
+        shutil.rmtree(old)
+    except OSError as e:
+        raise ExportError(f"exported to {out}, but the folder it replaced, now {old}, could not be deleted "
+                          f"({e.strerror}); delete it yourself") from None
 
 
 def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: BucketSpec, dtype: str | None = None,
@@ -83,7 +129,7 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
     """Export every graph `buckets` calls for; returns the manifest written into `out_dir`."""
     model_dir, out = Path(model_dir), Path(out_dir)
     dtype = dtype or buckets.dtype
-    _prepare_target(out, force)
+    _check_target(out, model_dir, force)
     for name in REQUIRED_FILES:
         if not (model_dir / name).is_file():
             raise ExportError(f"{model_dir / name} is missing: the runtime needs it for preprocessing; copy it from "
@@ -101,10 +147,10 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     _remove_dead_partials(out)
     try:
-        (tmp / "graphs").mkdir(parents=True)
+        tmp.mkdir()
+        (tmp / "graphs").mkdir()
         (tmp / "tokenizer").mkdir()
         weights_sha256 = write_safetensors(tmp / "weights.safetensors",
                                            {n: a for n, a in arrays.items() if n not in aliases}, dtype)
@@ -127,7 +173,8 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
             weights={"file": "weights.safetensors", "groups": groups, "aliases": aliases, "embed": "text.embed.weight"},
             files=files)
         manifest.write(tmp)
-        _place(tmp, out)
+        _set_file_modes(tmp, tmp / "weights.safetensors")
+        _place(tmp, out, model_dir, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

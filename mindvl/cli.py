@@ -81,7 +81,24 @@ def _parser() -> argparse.ArgumentParser:
                        help="requests in flight (queued or generating) before a 429 (default: 64)")
     serve.add_argument("--api-key", default=os.environ.get("MINDVL_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (default: $MINDVL_API_KEY, else no key)")
-    serve.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (default: refuse)")
+    serve.add_argument("--allow-remote-media", action="store_true",
+                       help="fetch http(s) image URLs, from public addresses only (default: refuse)")
+    serve.add_argument("--allow-media-network", action="append", default=[], metavar="CIDR",
+                       help="also fetch image URLs from this non-public network, e.g. 10.0.0.0/8; repeat for several")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="let web pages of this origin (scheme://host[:port]) call the server (CORS); repeat "
+                            "for several (default: refuse requests that carry an Origin)")
+    serve.add_argument("--max-images", type=int, default=16, help="images per request (default: 16)")
+    serve.add_argument("--max-videos", type=int, default=2, help="videos per request (default: 2)")
+    serve.add_argument("--max-parts", type=int, default=64,
+                       help="content parts per request, over all its messages (default: 64)")
+    serve.add_argument("--max-text-chars", type=int, default=None,
+                       help="characters of text per request (default: 16 per slot of the largest KV cache)")
+    serve.add_argument("--max-media-mb", type=float, default=100,
+                       help="largest image or video file read from --media-dir (default: 100)")
+    serve.add_argument("--stall-timeout", type=float, default=120,
+                       help="seconds the worker may hold requests without completing a step before /health reports "
+                            "it unhealthy (default: 120)")
     serve.add_argument("--model-name", help="the model id clients send (default: the artifact folder's name)")
     serve.add_argument("--max-body-mb", type=float, default=20, help="largest request body (default: 20)")
     serve.add_argument("--request-timeout", type=float, default=30,
@@ -164,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
             serve(args.artifacts, host=args.host, port=args.port, media_dir=args.media_dir,
                   max_concurrency=args.max_concurrency, api_key=args.api_key,
                   allow_remote_media=args.allow_remote_media, model_name=args.model_name,
-                  max_body_mb=args.max_body_mb, request_timeout=args.request_timeout, device=args.device)
+                  max_body_mb=args.max_body_mb, request_timeout=args.request_timeout, device=args.device,
+                  allow_media_network=args.allow_media_network, allow_origin=args.allow_origin,
+                  max_images=args.max_images, max_videos=args.max_videos, max_parts=args.max_parts,
+                  max_text_chars=args.max_text_chars, max_media_mb=args.max_media_mb,
+                  stall_timeout=args.stall_timeout)
         return 0
     except MindVLError as e:
         if args.debug:

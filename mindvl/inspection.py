@@ -33,13 +33,14 @@ def inspect_artifacts(folder: str | Path, verify: bool = False) -> str:
     if verify:
         import mindspore as ms
 
-        from mindvl.runtime.artifacts import load_graph
+        from mindvl.runtime.artifacts import load_graph, read_weights
 
         m.check_made_by(folder, ms.__version__)
         graph_files = {g.file for g in m.graphs}
         for relative in m.files:
             if relative not in graph_files:
                 m.check_file(folder, relative)
+        read_weights(folder, m, mapped=True)  # its header and tensors; hashed just above
         for g in m.graphs:
             load_graph(folder, m, g)  # checks the graph file's hash too
         lines.append(f"verified: {len(m.files)} files match their sha256, {len(m.graphs)} graphs load")

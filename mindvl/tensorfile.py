@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import reprlib
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +21,7 @@ from mindvl.errors import MindVLError
 
 _READ = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 _CHUNK = 1 << 26  # bytes per read when a file is read whole
+_MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers too
 _WRITE = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", np.uint16)}
 
 
@@ -40,25 +44,63 @@ def _read_whole(path: Path, size: int, sha256: str | None, error: type[MindVLErr
     return data
 
 
+def _header_problem(header: Any, data_size: int) -> str | None:
+    """Why `header` does not describe tensors that fit `data_size` bytes of data without overlapping, or None."""
+    if not isinstance(header, dict):
+        return f"its header is {reprlib.repr(header)}, not a JSON object"
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            return f"tensor {name!r} is {reprlib.repr(info)}, not an object with dtype, shape and data_offsets"
+        if not isinstance(info.get("dtype"), str):
+            return f"tensor {name!r} has dtype {reprlib.repr(info.get('dtype'))}, not a name such as F32"
+        shape, offsets, dtype = info.get("shape"), info.get("data_offsets"), info["dtype"]
+        if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+            return f"tensor {name!r} has shape {reprlib.repr(shape)}, not a list of integers >= 0"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1] <= data_size):
+            return (f"tensor {name!r} has data_offsets {reprlib.repr(offsets)}, not [begin, end] with "
+                    f"0 <= begin <= end <= {data_size} (the size of the data)")
+        # Python integers: a shape whose element count overflows int64 is just a size that does not match.
+        if dtype in _READ and math.prod(shape) * np.dtype(_READ[dtype]).itemsize != offsets[1] - offsets[0]:
+            return (f"tensor {name!r} of shape {reprlib.repr(shape)} {dtype} does not fill its data_offsets "
+                    f"{offsets}")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            return f"tensors {first!r} and {second!r} overlap"
+    return None
+
+
+def _is_count(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
 def read_safetensors(path: Path, error: type[MindVLError], fix: str, mapped: bool = True,
                      sha256: str | None = None) -> dict[str, np.ndarray]:
     """All float tensors of one file (bf16 widened to float32); `error(..., fix)` if unreadable.
 
     mapped: views into a memory map of the file (pages are read when used). Else the file is read into memory
     once — checked against `sha256` in the same pass when given — and the tensors are views into it, so memory
-    holds them once and no second pass is needed to verify them.
+    holds them once and no second pass is needed to verify them. The header is checked before any data is read.
     """
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError("header longer than the file")
+            if header_len > min(size - 8, _MAX_HEADER):
+                raise ValueError(f"its header claims {header_len} bytes, the file has {size}")
             header = json.loads(f.read(header_len))
-    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+    except (OSError, ValueError, struct.error, UnicodeDecodeError, RecursionError) as e:
         raise error(f"{path} is not a readable safetensors file ({e}); {fix}") from None
-    header.pop("__metadata__", None)
     data_start = 8 + header_len
+    problem = _header_problem(header, size - data_start)
+    if problem:
+        raise error(f"{path} is truncated or corrupt: {problem}; {fix}")
+    header.pop("__metadata__", None)
     raw = np.memmap(path, dtype=np.uint8, mode="r") if mapped else _read_whole(path, size, sha256, error, fix)
     out: dict[str, np.ndarray] = {}
     for name, info in header.items():
@@ -66,9 +108,6 @@ def read_safetensors(path: Path, error: type[MindVLError], fix: str, mapped: boo
         if dtype is None:
             continue
         begin, end = (data_start + o for o in info["data_offsets"])
-        count = int(np.prod(info["shape"], dtype=np.int64))
-        if end > size or end - begin != count * np.dtype(dtype).itemsize:
-            raise error(f"{path} is truncated or corrupt at tensor {name}; {fix}")
         arr = raw[begin:end].view(dtype).reshape(info["shape"])
         out[name] = (arr.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else arr
     return out

@@ -1,14 +1,18 @@
 """An exported artifact folder, checked and loaded: weights held once, graphs compiled on first use.
 
-Checks at load: the manifest's format version, the MindSpore major version, every file's presence and size,
-the sha256 of the weights and tokenizer files; each graph file's sha256 when it is first loaded.
+Checks at load: the manifest's format version and structure, the MindSpore major version, that the largest KV
+cache fits this machine's memory, every file's presence inside the folder and size, the sha256 of the weights and
+tokenizer files, the weights file's header and tensors; each graph file's sha256 when it is first loaded.
 """
 
 from __future__ import annotations
 
 import glob
+import math
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import mindspore as ms
 import numpy as np
@@ -16,9 +20,48 @@ from mindspore import nn
 
 from mindvl.device import host_dtype, to_tensor, zeros
 from mindvl.errors import ArtifactError
-from mindvl.shapes.graphs import GraphSpec, kv_cache_specs
+from mindvl.shapes.graphs import GraphSpec, kv_cache_shape, kv_cache_specs
+from mindvl.shapes.image import one_line
 from mindvl.shapes.manifest import MANIFEST, Manifest
 from mindvl.tensorfile import read_safetensors
+
+
+def check_cache_memory(manifest: Manifest) -> None:
+    """Refuse buckets whose KV cache could never be allocated on this machine, before anything is allocated."""
+    cfg, buckets = manifest.config, manifest.buckets
+    batch, capacity = max(buckets["batch"]), max(buckets["cache"])
+    # From the shape, not the specs: a tampered layer count could make those billions of tensors.
+    need = (2 * cfg.text.num_hidden_layers * math.prod(kv_cache_shape(cfg, batch, capacity))
+            * np.dtype(host_dtype(manifest.dtype)).itemsize)
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > memory:
+        raise ArtifactError(f"the KV cache of bucket batch {batch} × cache {capacity} needs {need} bytes "
+                            f"({need >> 30} GiB), more than this machine's {memory >> 30} GiB of memory; re-export "
+                            f"with smaller cache or batch buckets, or run on a larger machine")
+
+
+def graph_weights(weights: dict[str, Any]) -> set[str]:
+    """The tensors the graphs take, aliases resolved, of a manifest's `weights`."""
+    return {weights["aliases"].get(n, n) for names in weights["groups"].values() for n in names}
+
+
+def read_weights(folder: Path, manifest: Manifest, mapped: bool, sha256: str | None = None) -> dict[str, np.ndarray]:
+    """The weights file's tensors (see `read_safetensors`), once it holds every tensor the manifest names and the
+    embedding table has the model's shape."""
+    w, text = manifest.weights, manifest.config.text
+    arrays = read_safetensors(folder / w["file"], ArtifactError, "re-export the artifacts", mapped=mapped,
+                              sha256=sha256)
+    missing = [name for name in (w["embed"], *sorted(graph_weights(w))) if name not in arrays]
+    if missing:
+        raise ArtifactError(f"{folder / w['file']} has no float tensor {missing[0]!r}, which {MANIFEST} lists "
+                            f"(missing, or of a dtype mindvl does not read); re-export the artifacts")
+    embed = arrays[w["embed"]].shape
+    if embed != (text.vocab_size, text.hidden_size):
+        raise ArtifactError(f"{folder / w['file']}: {w['embed']} is {list(embed)}, not [vocab_size, hidden_size] = "
+                            f"[{text.vocab_size}, {text.hidden_size}] as the model in {MANIFEST} says; re-export the "
+                            f"artifacts")
+    return arrays
+
 
 def load_graph(folder: Path, manifest: Manifest, spec: GraphSpec) -> nn.GraphCell:
     """One graph of an artifact folder, its file's hash checked, or an ArtifactError that says why not."""
@@ -26,8 +69,8 @@ def load_graph(folder: Path, manifest: Manifest, spec: GraphSpec) -> nn.GraphCel
     try:
         return nn.GraphCell(ms.load(str(path)))
     except (RuntimeError, ValueError) as e:
-        raise ArtifactError(f"{spec.file} cannot be loaded by MindSpore {ms.__version__} "
-                            f"({' '.join(str(e).split())[:200]}); re-export the artifacts") from None
+        raise ArtifactError(f"{spec.file} cannot be loaded by MindSpore {ms.__version__} ({one_line(e)[:200]}); "
+                            f"re-export the artifacts") from None
 
 
 class Artifacts:
@@ -42,12 +85,20 @@ class Artifacts:
             raise ArtifactError(f"{self.folder} is not a folder; pass the folder `mindvl export -o` wrote")
         self.manifest = Manifest.read(self.folder)
         self.manifest.check_made_by(self.folder, ms.__version__)
+        check_cache_memory(self.manifest)
         self.config = self.manifest.config
         self.dtype = self.manifest.dtype
         for relative in self.manifest.files:
             # Every file must be present at its size now (not halfway through a generation); the weights are
             # hashed as they are read, graph files when a graph is first loaded.
             self.manifest.check_file(self.folder, relative, rehash=relative.startswith("tokenizer/"))
+        # The processor reads tokenizer files by name: one added after export (a chat template, say) would be read
+        # unverified.
+        unlisted = sorted(str(p.relative_to(self.folder)) for p in self.tokenizer_dir.rglob("*")
+                          if not p.is_dir() and str(p.relative_to(self.folder)) not in self.manifest.files)
+        if unlisted:
+            raise ArtifactError(f"{unlisted[0]} in {self.folder} is not listed in {MANIFEST}, so it would be read "
+                                f"unverified; remove it, or re-export the artifacts")
         self._load_weights(verify)
         self._graphs: dict[str, nn.GraphCell] = {}
         self.graph_load_ms = 0.0  # time spent loading graphs so far, all of it on first use
@@ -57,17 +108,13 @@ class Artifacts:
         w = self.manifest.weights
         # Read into memory once, hashed in the same pass: device tensors and the host embedding table share it.
         sha256 = self.manifest.files[w["file"]]["sha256"] if verify else None
-        arrays = read_safetensors(self.folder / w["file"], ArtifactError, "re-export the artifacts", mapped=False,
-                                  sha256=sha256)
+        arrays = read_weights(self.folder, self.manifest, mapped=False, sha256=sha256)
         arrays = {name: a.astype(host_dtype(self.dtype), copy=False) for name, a in arrays.items()}
         self.embed = arrays[w["embed"]]
-        used = {w["aliases"].get(n, n) for names in w["groups"].values() for n in names}
+        used = graph_weights(w)
         tensors = {name: to_tensor(a, self.dtype) for name, a in arrays.items() if name in used}
-        try:
-            self.weights = {group: tuple(tensors[w["aliases"].get(n, n)] for n in names)
-                            for group, names in w["groups"].items()}
-        except KeyError as e:
-            raise ArtifactError(f"{w['file']} lacks tensor {e} that {MANIFEST} lists; re-export the artifacts") from None
+        self.weights = {group: tuple(tensors[w["aliases"].get(n, n)] for n in names)
+                        for group, names in w["groups"].items()}
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -94,4 +141,10 @@ class Artifacts:
         args = [to_tensor(inputs[t.name], t.dtype) for t in spec.inputs]
         if spec.caches:
             args += self.caches(spec.bucket["batch"], spec.bucket["cache"])
-        return self.graph(spec)(*args, *self.weights[spec.weights]).asnumpy()
+        graph = self.graph(spec)
+        try:
+            return graph(*args, *self.weights[spec.weights]).asnumpy()
+        except (RuntimeError, TypeError, ValueError) as e:  # the graph file was verified, the manifest cannot be
+            raise ArtifactError(f"{spec.file} refuses the inputs {MANIFEST} makes for it ({one_line(e)[:120]}): "
+                                f"its model config or weight groups may not match the graph; re-export the "
+                                f"artifacts") from None

@@ -8,13 +8,18 @@ Row r's cache holds its sequence in slots [0, fill_r). A slot >= fill_r holds ga
 any mask admits it, so an idling row points all its writes at slot fill_r (duplicates allowed), which its own next
 step overwrites first, and its queries see only that slot: the working rows' caches are untouched and the idle
 row's throw-away outputs stay finite. `Runtime.generate` is a batch of one.
+
+One row's failure is its own: a row whose inputs cannot be built, or whose sampler fails, ends with `finish` =
+"error" and its row is freed, while the others go on. A graph call that fails is tried again row by row (the rest
+idle, as above), so a fault only one row triggers fails that row alone and every other row gets exactly the
+logits the whole call would have given it.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Collection, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -42,7 +47,7 @@ class Prompt:
 
 class Generation:
     """One sequence being generated: its prompt, sampling state, tokens so far and text; `finish` is set when
-    it ends."""
+    it ends, with `error` when it failed."""
 
     def __init__(self, prompt: Prompt, max_new_tokens: int, sampling: Sampling, decoder: StreamDecoder,
                  stop_ids: Collection[int], keep_logits: bool = False) -> None:
@@ -52,7 +57,8 @@ class Generation:
         self.token_ids: list[int] = []
         self.logits: list[np.ndarray] = []
         self.fill = 0  # cache slots holding this sequence
-        self.finish: str | None = None  # "stop" (an end token) | "length" (max_new_tokens reached)
+        self.finish: str | None = None  # "stop" (an end token) | "length" (max_new_tokens reached) | "error"
+        self.error: Exception | None = None
 
     @property
     def text(self) -> str:
@@ -77,10 +83,13 @@ class Generation:
             piece += self.decoder.flush()
         return piece
 
+    def fail(self, error: Exception) -> None:
+        self.finish, self.error = "error", error
+
 
 class Batch:
-    """The rows of one (batch, cache) bucket; `add` and `step` return (generation, new text) per row that worked,
-    and free the rows of generations that ended."""
+    """The rows of one (batch, cache) bucket; `add` and `step` return (generation, new text) per row that worked
+    or failed, and free the rows of generations that ended."""
 
     def __init__(self, artifacts: Artifacts, size: int, capacity: int, prefill_lengths: Sequence[int]) -> None:
         self.artifacts, self.size, self.capacity = artifacts, size, capacity
@@ -114,28 +123,30 @@ class Batch:
             raise ValueError(f"{len(generations)} generations do not fit the {self.free} free rows of a "
                              f"{self.capacity}-slot cache")
         seq = self._prefill_length(max(g.prompt.length for g in generations))
-        embeds, positions, slots, key_valid = self._idle_inputs(seq)
-        logits_index = np.zeros((self.size, 1), np.int32)
         for r, g in zip(free, generations):
+            self.rows[r] = g  # fill stays 0 until its prefill succeeded: until then the row idles at slot 0
+
+        def write(r: int, inputs: _Inputs) -> None:
+            g = self.rows[r]
             n = g.prompt.length
-            embeds[r, :n], positions[:, r, :n] = g.prompt.embeds, g.prompt.position_ids
-            slots[r], key_valid[r], logits_index[r] = np.arange(seq), np.arange(self.capacity) < n, n - 1
-            self.rows[r], g.fill = g, n
-        logits = self._run(seq, embeds, positions, slots, key_valid, logits_index)
-        return [self._take(r, logits) for r in free]
+            inputs.embeds[r, :n], inputs.positions[:, r, :n] = g.prompt.embeds, g.prompt.position_ids
+            inputs.slots[r], inputs.key_valid[r] = np.arange(seq), np.arange(self.capacity) < n
+            inputs.logits_index[r] = n - 1
+
+        return self._call(seq, free, write, lambda g: setattr(g, "fill", g.prompt.length))
 
     def step(self) -> list[tuple[Generation, str]]:
         """One decode step of every active generation: each feeds its last token and takes the next."""
-        embeds, positions, slots, key_valid = self._idle_inputs(1)
-        active = [r for r, g in enumerate(self.rows) if g is not None]
-        for r in active:
+        def write(r: int, inputs: _Inputs) -> None:
             g = self.rows[r]
-            embeds[r, 0] = self.artifacts.embed[g.token_ids[-1]]
-            positions[:, r, 0], slots[r, 0] = g.fill + g.prompt.rope_delta, g.fill
-            key_valid[r, : g.fill + 1] = True
+            inputs.embeds[r, 0] = self.artifacts.embed[g.token_ids[-1]]
+            inputs.positions[:, r, 0], inputs.slots[r, 0] = g.fill + g.prompt.rope_delta, g.fill
+            inputs.key_valid[r] = np.arange(self.capacity) <= g.fill
+
+        def written(g: Generation) -> None:
             g.fill += 1
-        logits = self._run(1, embeds, positions, slots, key_valid, np.zeros((self.size, 1), np.int32))
-        return [self._take(r, logits) for r in active]
+
+        return self._call(1, [r for r, g in enumerate(self.rows) if g is not None], write, written)
 
     def _prefill_length(self, prompt_length: int) -> int:
         return min(s for s in self.prefill_lengths if s >= prompt_length)
@@ -145,30 +156,72 @@ class Batch:
             self._specs[seq] = text_graph(self.artifacts.config, self.size, seq, self.capacity, self.artifacts.dtype)
         return self._specs[seq]
 
-    def _idle_inputs(self, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(embeds, position_ids, cache_positions, key_valid) of a call in which every row idles: it writes to
-        and sees only its slot `fill` (slot 0 when the row is free)."""
-        embeds = np.zeros((self.size, seq, self.hidden), self.np_dtype)
-        positions = np.zeros((3, self.size, seq), np.int32)
-        slots = np.zeros((self.size, seq), np.int32)
-        key_valid = np.zeros((self.size, self.capacity), bool)
-        for r, g in enumerate(self.rows):
-            slots[r] = g.fill if g is not None else 0
-            key_valid[r, slots[r, 0]] = True
-        return embeds, positions, slots, key_valid
+    def _call(self, seq: int, rows: list[int], write: Callable[[int, _Inputs], None],
+              written: Callable[[Generation], None]) -> list[tuple[Generation, str]]:
+        """Run `rows` through the graph of length `seq` (`write` puts a row's inputs in place, `written` records
+        that its cache slots now hold it), then take each row's next token; a failure ends only its own row."""
+        try:
+            logits = self._run(seq, rows, write)
+            done = {r: logits[r, -1] for r in rows}
+            for r in rows:
+                written(self.rows[r])
+        except Exception:
+            # Each row alone: a row that succeeds is recorded at once, so it idles past its new slots in the
+            # calls that follow and they cannot overwrite what it just wrote.
+            done = {}
+            for r in rows:
+                try:
+                    done[r] = self._run(seq, [r], write)[r, -1]
+                    written(self.rows[r])
+                except Exception as e:
+                    done[r] = e
+        return [self._take(r, done[r]) for r in rows]
 
-    def _run(self, seq: int, embeds: np.ndarray, positions: np.ndarray, slots: np.ndarray, key_valid: np.ndarray,
-             logits_index: np.ndarray) -> np.ndarray:
+    def _run(self, seq: int, rows: list[int], write: Callable[[int, _Inputs], None]) -> np.ndarray:
+        inputs = self._idle_inputs(seq)
+        for r in rows:
+            write(r, inputs)
         start = time.perf_counter()
-        logits = self.artifacts.run(self._spec(seq), {"embeds": embeds, "position_ids": positions, "cache_positions": slots,
-                                           "mask": attention_mask(key_valid, slots, self.np_dtype),
-                                           "logits_index": logits_index})
+        logits = self.artifacts.run(self._spec(seq), {
+            "embeds": inputs.embeds, "position_ids": inputs.positions, "cache_positions": inputs.slots,
+            "mask": attention_mask(inputs.key_valid, inputs.slots, self.np_dtype), "logits_index": inputs.logits_index})
         self.call_ms = (time.perf_counter() - start) * 1e3
         return logits
 
-    def _take(self, row: int, logits: np.ndarray) -> tuple[Generation, str]:
-        g = self.rows[row]
-        piece = g.take(logits[row, -1])
+    def _idle_inputs(self, seq: int) -> _Inputs:
+        """The inputs of a call in which every row idles: it writes to and sees only its slot `fill` (slot 0 when
+        the row is free)."""
+        inputs = _Inputs(embeds=np.zeros((self.size, seq, self.hidden), self.np_dtype),
+                         positions=np.zeros((3, self.size, seq), np.int32),
+                         slots=np.zeros((self.size, seq), np.int32),
+                         key_valid=np.zeros((self.size, self.capacity), bool),
+                         logits_index=np.zeros((self.size, 1), np.int32))
+        for r, g in enumerate(self.rows):
+            inputs.slots[r] = g.fill if g is not None else 0
+            inputs.key_valid[r, inputs.slots[r, 0]] = True
+        return inputs
+
+    def _take(self, row: int, result: np.ndarray | Exception) -> tuple[Generation, str]:
+        """The row's next token from its logits [vocab] (or the failure that left it without any)."""
+        g, piece = self.rows[row], ""
+        if isinstance(result, Exception):
+            g.fail(result)
+        else:
+            try:
+                piece = g.take(result)
+            except Exception as e:  # the sampler or the detokeniser, on this row's values alone
+                g.fail(e)
         if g.finish:
             self.rows[row] = None
         return g, piece
+
+
+@dataclass
+class _Inputs:
+    """A text graph call's data inputs, [B, ...] each, built row by row."""
+
+    embeds: np.ndarray  # [B, S, hidden]
+    positions: np.ndarray  # [3, B, S]
+    slots: np.ndarray  # [B, S] the cache slot each token writes
+    key_valid: np.ndarray  # [B, C] slots that hold a real token once this call has written its own
+    logits_index: np.ndarray  # [B, 1] the position whose logits are returned

@@ -23,7 +23,7 @@ from mindvl.runtime.artifacts import Artifacts
 from mindvl.runtime.batch import Batch, Generation, Prompt
 from mindvl.runtime.detokenize import StreamDecoder
 from mindvl.runtime.sampling import Sampling
-from mindvl.shapes.buckets import BucketSpec, choose_text_buckets
+from mindvl.shapes.buckets import BucketSpec, TextChoice, choose_text_buckets
 from mindvl.shapes.graphs import vision_graph
 from mindvl.shapes.processor import ImageInput, Prepared, Processor, VideoInput
 from mindvl.shapes.rope_index import rope_index
@@ -81,10 +81,12 @@ class Runtime:
         if max_new_tokens < 1:
             raise RequestError(f"max_new_tokens is {max_new_tokens}; ask for at least 1 token")
         start, loaded_before = time.perf_counter(), self.artifacts.graph_load_ms
-        prepared = self.processor.prepare(prompt, images, videos)
+        chosen: list[TextChoice] = []  # the text buckets, chosen once the prompt is counted and before decoding
+        prepared = self.processor.prepare(
+            prompt, images, videos, check_length=lambda n: chosen.append(choose_text_buckets(n, max_new_tokens,
+                                                                                             self.buckets)))
         out.timings["preprocess"] = (time.perf_counter() - start) * 1e3
-        length = prepared.input_ids.shape[1]
-        text = choose_text_buckets(length, max_new_tokens, self.buckets)
+        length, [text] = prepared.input_ids.shape[1], chosen
         batch = Batch(self.artifacts, text.batch, text.cache, self.buckets.prefill)
         prefill, decode = batch.graph_names(length)
         out.prompt_tokens = length
@@ -102,6 +104,8 @@ class Runtime:
         out.timings["prefill"] = batch.call_ms
         steps = out.decode_steps_ms
         while True:
+            if generation.error is not None:
+                raise generation.error
             if piece:
                 yield piece
             if generation.finish:

@@ -9,6 +9,8 @@ import numpy as np
 
 from mindvl.errors import RequestError
 
+MAX_SEED = 2**64 - 1  # numpy seeds take any non-negative integer; a bound keeps a seed a seed, not a bignum
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -23,17 +25,22 @@ class Sampling:
             raise RequestError(f"sampling settings temperature={self.temperature}, top_p={self.top_p}, "
                                f"top_k={self.top_k} are invalid: use a finite temperature >= 0, 0 < top_p <= 1, "
                                f"top_k >= 0")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
+            raise RequestError(f"seed={self.seed} is invalid: use an integer from 0 to {MAX_SEED}, or no seed")
 
 
 def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
     """One token id from the logits [vocab] of the last position."""
     if sampling.temperature == 0:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / sampling.temperature
+    # Shifted by the maximum before dividing: every scaled logit is <= 0, so however small the temperature the
+    # division never overflows to inf - inf = NaN; it only underflows the unlikely tokens to probability 0.
+    with np.errstate(over="ignore"):
+        scaled = (logits.astype(np.float64) - np.max(logits)) / sampling.temperature
     order = np.argsort(-scaled, kind="stable")
     if sampling.top_k:
         order = order[: sampling.top_k]
-    probs = np.exp(scaled[order] - scaled[order[0]])
+    probs = np.exp(scaled[order])
     probs /= probs.sum()
     if sampling.top_p < 1:
         # The smallest prefix of the sorted tokens whose mass reaches top_p (at least one token).

@@ -23,6 +23,7 @@ from mindvl.serve.guard import Guard
 from mindvl.serve.media import MediaPolicy
 from mindvl.serve.metrics import Metrics
 from mindvl.serve.scheduler import Scheduler
+from mindvl.serve.schema import Limits
 
 log = logging.getLogger("mindvl.serve")
 
@@ -35,13 +36,17 @@ class Settings:
     max_body_bytes: int = 20 * 2**20
     request_timeout: float = 30.0  # seconds a client may take to send a request's head, and then its body
     api_key: str | None = None
+    host: str = "127.0.0.1"  # the address it listens on: on loopback, requests must name a loopback Host
+    allowed_origins: tuple[str, ...] = ()  # web pages that may call it (CORS), as scheme://host[:port]
+    limits: Limits = Limits()  # what one request may hold
+    stall_timeout: float = 120.0  # seconds the worker may hold work without completing a step before /health fails
 
 
 def create_app(runtime: Runtime, settings: Settings) -> FastAPI:
     metrics = Metrics()
     scheduler = Scheduler(runtime, metrics)
     completions = Completions(runtime, scheduler, metrics, settings.media, settings.model_name,
-                              settings.max_concurrency)
+                              settings.max_concurrency, settings.limits)
     metrics.gauge("mindvl_queue_depth", "Requests queued for the batch.", lambda: scheduler.queue_depth)
     metrics.gauge("mindvl_running_sequences", "Sequences generating in the batch.", lambda: scheduler.running)
     metrics.gauge("mindvl_requests_in_flight", "Chat completions accepted and not yet answered.",
@@ -57,7 +62,8 @@ def create_app(runtime: Runtime, settings: Settings) -> FastAPI:
 
     app = FastAPI(title="mindvl", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
-                       timeout=settings.request_timeout, metrics=metrics)
+                       timeout=settings.request_timeout, metrics=metrics, host=settings.host,
+                       origins=settings.allowed_origins)
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
@@ -81,6 +87,11 @@ def create_app(runtime: Runtime, settings: Settings) -> FastAPI:
     async def health() -> dict[str, Any]:
         if not scheduler.alive:
             raise ServeError(503, "the generation worker has stopped; see the server log and restart the server")
+        stalled = scheduler.stalled_for()
+        if stalled > settings.stall_timeout:
+            raise ServeError(503, f"the generation worker has made no progress for {stalled:.0f} s with "
+                                  f"{scheduler.running + scheduler.queue_depth} requests waiting (--stall-timeout "
+                                  f"{settings.stall_timeout:g}); see the server log and restart the server")
         return {"status": "ok", "model": settings.model_name, "queue_depth": scheduler.queue_depth,
                 "running": scheduler.running}
 

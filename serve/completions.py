@@ -23,14 +23,14 @@ from mindvl.serve.media import MediaPolicy
 from mindvl.serve.metrics import Metrics
 from mindvl.serve.responses import DONE, Envelope, StopText, sse
 from mindvl.serve.scheduler import Done, Job, Scheduler, Token
-from mindvl.serve.schema import ChatRequest, Message, parse_request
+from mindvl.serve.schema import ChatRequest, Limits, Message, parse_request
 
 
 class Completions:
     def __init__(self, runtime: Runtime, scheduler: Scheduler, metrics: Metrics, media: MediaPolicy,
-                 model_name: str, max_in_flight: int) -> None:
+                 model_name: str, max_in_flight: int, limits: Limits) -> None:
         self.runtime, self.scheduler, self.metrics, self.media = runtime, scheduler, metrics, media
-        self.model_name, self.max_in_flight = model_name, max_in_flight
+        self.model_name, self.max_in_flight, self.limits = model_name, max_in_flight, limits
         self.in_flight = 0  # requests past parsing and not yet answered; only touched on the event loop
 
     async def __call__(self, request: Request) -> Response:
@@ -39,10 +39,12 @@ class Completions:
             body = await request.body()
         except ClientDisconnect:
             raise ServeError(499, "the client closed the connection before sending the whole body") from None
-        chat = parse_request(body)
+        # Parsing a large body takes long enough to hold up every other connection: it runs off the event loop.
+        chat = await anyio.to_thread.run_sync(parse_request, body)
         if chat.model != self.model_name:
             raise ServeError(404, f"model {chat.model[:100]!r} does not exist; this server serves "
                                   f"{self.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
+        self.limits.check(chat)
         if self.in_flight >= self.max_in_flight:
             raise ServeError(429, f"the server has {self.in_flight} requests in flight, its limit "
                                   "(--max-concurrency); retry after the time in Retry-After",
@@ -70,24 +72,19 @@ class Completions:
                 close()
 
     def _job(self, chat: ChatRequest, loop: asyncio.AbstractEventLoop) -> Job:
-        """Fetch the media, apply the chat template and check the token budget: everything but the graphs."""
-        messages, images, videos = self._conversation(chat.messages)
+        """Everything but the graphs, cheapest first: the sampling settings, the media headers, the prompt's
+        tokens against the server's buckets, and only then the pixels."""
         try:
-            prepared = self.runtime.processor.prepare_chat(messages, images, videos)
+            sampling = Sampling(chat.temperature, chat.top_p, 0, chat.seed)
+        except MindVLError as e:
+            raise from_mindvl(e) from None
+        messages, images, videos = self._conversation(chat.messages)
+        budget = _Budget(chat.token_limit, self.runtime.buckets.prefill[-1], self.runtime.buckets.cache[-1])
+        try:
+            prepared = self.runtime.processor.prepare_chat(messages, images, videos, check_length=budget)
         except MindVLError as e:
             raise from_mindvl(e, "messages") from None
-        length, buckets = prepared.input_ids.shape[1], self.runtime.buckets
-        if length > buckets.prefill[-1]:
-            raise ServeError(400, f"the prompt is {length} tokens, longer than this server's longest prompt "
-                                  f"({buckets.prefill[-1]} tokens); shorten it or send fewer or smaller images",
-                             param="messages", code="context_length_exceeded")
-        max_new = chat.token_limit or max(1, buckets.cache[-1] - length)
-        if length + max_new > buckets.cache[-1]:
-            raise ServeError(400, f"the prompt ({length} tokens) + max_tokens ({max_new}) is more than this "
-                                  f"server's largest KV cache ({buckets.cache[-1]} tokens); lower max_tokens to "
-                                  f"<= {buckets.cache[-1] - length}", param="max_tokens",
-                             code="context_length_exceeded")
-        return Job(prepared, max_new, Sampling(chat.temperature, chat.top_p, 0, chat.seed), loop)
+        return Job(prepared, budget.max_new_tokens, sampling, loop)
 
     def _conversation(self, messages: list[Message]) -> tuple[list[dict], list, list]:
         """The messages in the chat template's form, and the images and videos their parts refer to, in order."""
@@ -167,6 +164,28 @@ class Completions:
         if chat.stream_options and chat.stream_options.include_usage:
             yield envelope.usage_chunk(job.prompt_tokens, count)
         yield DONE
+
+
+class _Budget:
+    """Refuses a prompt, once its tokens are counted, that does not fit this server's longest prompt or, with
+    max_tokens, its largest cache; sets `max_new_tokens` (default: what fits the largest cache)."""
+
+    def __init__(self, token_limit: int | None, longest_prompt: int, largest_cache: int) -> None:
+        self.token_limit, self.longest_prompt, self.largest_cache = token_limit, longest_prompt, largest_cache
+        self.max_new_tokens = 0
+
+    def __call__(self, length: int) -> None:
+        if length > self.longest_prompt:
+            raise ServeError(400, f"the prompt is {length} tokens, longer than this server's longest prompt "
+                                  f"({self.longest_prompt} tokens); shorten it or send fewer or smaller images",
+                             param="messages", code="context_length_exceeded")
+        max_new = self.token_limit or max(1, self.largest_cache - length)
+        if length + max_new > self.largest_cache:
+            raise ServeError(400, f"the prompt ({length} tokens) + max_tokens ({max_new}) is more than this "
+                                  f"server's largest KV cache ({self.largest_cache} tokens); lower max_tokens to "
+                                  f"<= {self.largest_cache - length}", param="max_tokens",
+                             code="context_length_exceeded")
+        self.max_new_tokens = max_new
 
 
 class EventStream(StreamingResponse):

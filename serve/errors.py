@@ -3,11 +3,14 @@ the fix. Tracebacks go to the server log, never to the client."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from starlette.responses import JSONResponse
 
-from mindvl.errors import ArtifactError, MediaTooLargeError, MindVLError
+from mindvl.errors import ArtifactError, CheckpointError, MediaTooLargeError, MindVLError
+
+log = logging.getLogger("mindvl.serve")
 
 # OpenAI's error `type` for the statuses that are not the client's request itself (invalid_request_error).
 TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 500: "server_error",
@@ -30,7 +33,9 @@ class ServeError(Exception):
 
 def from_mindvl(e: MindVLError, param: str | None = None) -> ServeError:
     """An expected failure of the runtime or preprocessing: the request's fault (400, 413 for media too large to
-    decode) unless the artifact folder itself is broken (500: the operator must re-export)."""
-    if isinstance(e, ArtifactError):
-        return ServeError(500, str(e), code="artifact_error")
+    decode) unless the artifact folder itself is broken (500: the operator must re-export). That message names
+    files of the server's disk, so it goes to the log and the client learns only that the server is broken."""
+    if isinstance(e, (ArtifactError, CheckpointError)):
+        log.error("the artifacts cannot serve a request: %s", e)
+        return ServeError(500, "the server's artifact folder is broken; see the server log", code="artifact_error")
     return ServeError(413 if isinstance(e, MediaTooLargeError) else 400, str(e), param)

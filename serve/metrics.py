@@ -72,6 +72,7 @@ HELP = {
     "mindvl_requests_total": "HTTP requests answered, by path and status.",
     "mindvl_request_errors_total": "HTTP requests answered with an error status (>= 400), by status.",
     "mindvl_cancelled_total": "Requests dropped before their end: the client left or a stop string was met.",
+    "mindvl_worker_failures_total": "Requests failed inside the worker (each alone; the others went on).",
     "mindvl_prompt_tokens_total": "Prompt tokens of the generations started.",
     "mindvl_completion_tokens_total": "Tokens generated.",
     "mindvl_decode_steps_total": "Decode steps run (one graph call each, for every active row of the batch).",
@@ -81,8 +82,8 @@ HELP = {
     "mindvl_request_duration_seconds": "From a chat completion's arrival to its last byte.",
 }
 
-UNLABELLED = ("mindvl_cancelled_total", "mindvl_prompt_tokens_total", "mindvl_completion_tokens_total",
-              "mindvl_decode_steps_total", "mindvl_decode_rows_total")
+UNLABELLED = ("mindvl_cancelled_total", "mindvl_worker_failures_total", "mindvl_prompt_tokens_total",
+              "mindvl_completion_tokens_total", "mindvl_decode_steps_total", "mindvl_decode_rows_total")
 
 
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:

@@ -46,20 +46,26 @@ DONE = b"data: [DONE]\n\n"
 
 
 class StopText:
-    """Cuts the text at the first stop string. Text that could be the start of a stop string is held back until
-    the next piece shows whether it is, so a streamed answer never shows part of a stop string."""
+    """Cuts the text at the first stop string to complete. Text that could be the start of a stop string is held
+    back until the next piece shows whether it is, so a streamed answer never shows part of a stop string.
+
+    Each stop string is matched by a Knuth-Morris-Pratt automaton fed one character at a time, so a piece costs
+    time linear in its length whatever the stop strings are; searching the held text anew for every piece would be
+    quadratic in a stop string's length."""
 
     def __init__(self, stops: Sequence[str]) -> None:
-        self.stops, self.held, self.stopped = tuple(stops), "", False
+        self.matchers = [_Matcher(s) for s in stops]
+        self.held, self.stopped = "", False
 
     def push(self, piece: str) -> str:
         """The text safe to send now; sets `stopped` when a stop string completed (nothing after it is sent)."""
         text = self.held + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.held, self.stopped = "", True
-            return text[: min(hits)]
-        keep = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        for end, char in enumerate(piece, len(self.held) + 1):
+            done = [m.stop for m in self.matchers if m.feed(char)]
+            if done:
+                self.held, self.stopped = "", True
+                return text[: end - len(max(done, key=len))]
+        keep = max((m.matched for m in self.matchers), default=0)
         self.held = text[len(text) - keep:]
         return text[: len(text) - keep]
 
@@ -67,3 +73,28 @@ class StopText:
         """What was held back, once the answer ended without completing a stop string."""
         text, self.held = self.held, ""
         return text
+
+
+class _Matcher:
+    """How much of one stop string the text ends with, updated a character at a time."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop, self.matched = stop, 0
+        # fallback[i]: the longest proper prefix of stop[:i + 1] that is also its suffix.
+        self.fallback = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fallback[k - 1]
+            k += stop[i] == stop[k]
+            self.fallback[i] = k
+
+    def feed(self, char: str) -> bool:
+        """True when `char` completes the stop string."""
+        while self.matched and char != self.stop[self.matched]:
+            self.matched = self.fallback[self.matched - 1]
+        self.matched += char == self.stop[self.matched]
+        if self.matched == len(self.stop):
+            self.matched = self.fallback[-1]
+            return True
+        return False

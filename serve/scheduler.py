@@ -6,6 +6,11 @@ takes a free row at the next step (with batch [1] requests are served one at a t
 chosen when it starts empty: the smallest that holds prompt + max_tokens of each of the first B waiting requests.
 Requests join in arrival order; one that needs more than C waits, and those behind it with it, until the batch
 empties and restarts at a larger C, so none starves.
+
+Failures. Whatever fails while a request is admitted (its vision graphs), prefilled, decoded or sampled fails that
+request alone with a 500 (the traceback goes to the log); its row is freed and the other rows go on, each with
+exactly its single-request answer (`runtime/batch.py` retries a failed graph call row by row). The worker notes
+the time of every step it completes, so /health can tell a worker that is stuck from one that is busy.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -71,6 +77,8 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._running: dict[Generation, Job] = {}
         self._thread = threading.Thread(target=self._run, name="mindvl-worker", daemon=True)
+        self._idle = True  # waiting for a job, so not expected to make progress
+        self._progress = time.monotonic()  # when the worker last completed a step or woke up
 
     @property
     def queue_depth(self) -> int:
@@ -84,6 +92,10 @@ class Scheduler:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def stalled_for(self) -> float:
+        """Seconds the worker has had work and completed no step; 0 while it is idle."""
+        return 0.0 if self._idle else time.monotonic() - self._progress
 
     def start(self) -> None:
         self._thread.start()
@@ -108,11 +120,13 @@ class Scheduler:
                 joining = self._admit(batch)
                 if joining:
                     self._deliver(batch.add(list(joining)))
+                    self._beat()
                 if batch.active:
                     self.metrics.count("mindvl_decode_steps_total")
                     self.metrics.count("mindvl_decode_rows_total", len(batch.active))
                     self._deliver(batch.step())
-            except Exception:  # a bug or a device failure: fail this batch's requests, keep serving
+                    self._beat()
+            except Exception:  # a bug of the scheduler itself: fail this batch's requests, keep serving
                 log.exception("generation step failed")
                 self._fail(list(self._running.values()), ServeError(500, "generation failed inside the server; "
                                                                          "see the server log, then retry"))
@@ -123,10 +137,19 @@ class Scheduler:
             leftover.append(self._inbox.get())
         self._fail([job for job in leftover if job], ServeError(503, "the server is shutting down; retry later"))
 
+    def _beat(self) -> None:
+        self._progress = time.monotonic()
+
     def _collect(self, block: bool) -> bool:
         """Move submitted jobs to the waiting line (waiting for one when idle); False once stopping."""
         try:
-            job = self._inbox.get() if block else self._inbox.get_nowait()
+            if block:
+                self._idle = True
+                job = self._inbox.get()
+                self._beat()
+                self._idle = False
+            else:
+                job = self._inbox.get_nowait()
             while True:
                 if job is None:
                     return False
@@ -161,14 +184,15 @@ class Scheduler:
             job = self._waiting.popleft()
             try:
                 prompt = self.runtime.encode(job.prepared)
+                generation = self.runtime.new_generation(prompt, job.max_new_tokens, job.sampling)
             except MindVLError as e:
                 job.send(from_mindvl(e))
                 continue
-            except Exception:
-                log.exception("vision graphs failed")
-                job.send(ServeError(500, "the vision graphs failed inside the server; see the server log"))
+            except Exception as e:
+                self._failed(job, e)
                 continue
-            generation = self.runtime.new_generation(prompt, job.max_new_tokens, job.sampling)
+            finally:
+                self._beat()
             joining[generation] = job
             self._running[generation] = job
             self.metrics.count("mindvl_prompt_tokens_total", job.prompt_tokens)
@@ -177,11 +201,22 @@ class Scheduler:
     def _deliver(self, results: list[tuple[Generation, str]]) -> None:
         for generation, text in results:
             job = self._running[generation]
-            job.send(Token(text))
-            self.metrics.count("mindvl_completion_tokens_total")
+            if generation.error is not None:
+                self._failed(job, generation.error)
+            else:
+                job.send(Token(text))
+                self.metrics.count("mindvl_completion_tokens_total")
             if generation.finish:
-                job.send(Done(generation.finish, len(generation.token_ids)))
+                if generation.error is None:
+                    job.send(Done(generation.finish, len(generation.token_ids)))
                 del self._running[generation]
+
+    def _failed(self, job: Job, error: Exception) -> None:
+        """One request's failure inside the worker: the traceback to the log, a 500 to its client alone."""
+        log.error("request failed inside the worker", exc_info=error)
+        self.metrics.count("mindvl_worker_failures_total")
+        job.send(ServeError(500, "generation failed inside the server for this request; see the server log, then "
+                                 "retry"))
 
     @staticmethod
     def _fail(jobs: list[Job], error: ServeError) -> None:

@@ -1,7 +1,8 @@
 """The chat-completions request: what mindvl serve accepts of OpenAI's protocol, checked before any work starts.
 
-Malformed JSON and fields mindvl cannot honour are 400s that name the field and the fix; a body whose fields have
-the wrong types or values is a 422 naming the first bad field. A field OpenAI defines that mindvl ignores would
+Malformed JSON, fields mindvl cannot honour and values out of range (a negative seed, top_p above 1) are 400s that
+name the field and the fix, as OpenAI answers them; a body whose fields have the wrong types or shapes is a 422
+naming the first bad field. A field OpenAI defines that mindvl ignores would
 silently change an answer, so such fields are refused unless they carry their no-op value (`n: 1`).
 """
 
@@ -9,11 +10,16 @@ from __future__ import annotations
 
 import difflib
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mindvl.runtime.sampling import MAX_SEED
 from mindvl.serve.errors import ServeError
+
+# OpenAI's own limit on stop strings, and a length that keeps matching them cheap.
+MAX_STOPS, MAX_STOP_CHARS = 4, 256
 
 
 class _Strict(BaseModel):
@@ -60,8 +66,9 @@ class ChatRequest(_Strict):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     temperature: float = Field(0.0, ge=0, allow_inf_nan=False)  # mindvl's default: greedy
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: Union[str, list[Annotated[str, Field(min_length=1)]], None] = Field(None, min_length=1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: Union[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)],
+                list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]], None] = Field(None, min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id for the operator's logs; no effect on the answer
@@ -72,6 +79,13 @@ class ChatRequest(_Strict):
             raise ValueError("max_tokens and max_completion_tokens differ; send only one of them")
         return self
 
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOPS:
+            raise ValueError(f"{len(stop)} stop strings; send at most {MAX_STOPS}")
+        return stop
+
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -79,6 +93,29 @@ class ChatRequest(_Strict):
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold (mindvl serve's flags), checked before anything in it is decoded or tokenized."""
+
+    images: int = 16
+    videos: int = 2
+    parts: int = 64  # content parts over all messages, a message whose content is a string counting as one
+    text_chars: int = 64 * 1024  # characters of text over all messages
+
+    def check(self, chat: ChatRequest) -> None:
+        strings = [m.content for m in chat.messages if isinstance(m.content, str)]
+        parts = [part for m in chat.messages if not isinstance(m.content, str) for part in m.content]
+        texts = strings + [p.text for p in parts if p.type == "text"]
+        counts = ((len(strings) + len(parts), self.parts, "content parts", "--max-parts"),
+                  (sum(p.type == "image_url" for p in parts), self.images, "images", "--max-images"),
+                  (sum(p.type == "video_url" for p in parts), self.videos, "videos", "--max-videos"),
+                  (sum(map(len, texts)), self.text_chars, "characters of text", "--max-text-chars"))
+        for count, limit, what, flag in counts:
+            if count > limit:
+                raise ServeError(400, f"the request has {count} {what}, more than the {limit} this server takes "
+                                      f"per request ({flag}); send fewer", param="messages")
 
 
 SUPPORTED = tuple(ChatRequest.model_fields)
@@ -97,6 +134,7 @@ def parse_request(body: bytes) -> ChatRequest:
     if not isinstance(data, dict):
         raise ServeError(400, f"the body is a JSON {type(data).__name__}, not an object; send "
                               '{"model": ..., "messages": [...]}')
+    _refuse_lone_surrogates(data, "")
     for key, value in data.items():
         if key in NO_OP:
             neutral, fix = NO_OP[key]
@@ -113,8 +151,32 @@ def parse_request(body: bytes) -> ChatRequest:
         raise _invalid(e) from None
 
 
+def _refuse_lone_surrogates(value: Any, path: str) -> None:
+    """JSON's "\\ud800" escapes give strings that are not Unicode text: no tokenizer or file system takes them,
+    so they are refused here, by their place in the body, rather than fail deep inside."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ServeError(400, f"{path or 'body'}: not valid Unicode text (a lone surrogate at character "
+                                  f"{e.start}); send UTF-8 text", param=path or None) from None
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_lone_surrogates(item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(key, path)
+            _refuse_lone_surrogates(item, _join(path, key))
+
+
+# pydantic's error types for a value of the right type that the field does not allow.
+OUT_OF_RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number", "too_short",
+                "too_long", "string_too_short", "string_too_long", "value_error"}
+
+
 def _invalid(e: ValidationError) -> ServeError:
-    """A 422 naming the bad field by its JSON path (messages[0].content[1].image_url.url)."""
+    """A 400 (a value out of range) or 422 (a wrong type or shape) naming the bad field by its JSON path
+    (messages[0].content[1].image_url.url)."""
     # Of the errors of a union's branches, the deepest is the one about what the client meant to send.
     first = max(e.errors(), key=lambda error: len(error["loc"]))
     message = first["msg"].removeprefix("Value error, ")
@@ -125,7 +187,8 @@ def _invalid(e: ValidationError) -> ServeError:
         path = _path(first["loc"])
         if first["type"] != "missing" and _scalar(first["input"]):
             message += f", got {json.dumps(first['input'])[:60]}"
-    return ServeError(422, f"{path or 'body'}: {message}", param=path or None)
+    status = 400 if first["type"] in OUT_OF_RANGE else 422
+    return ServeError(status, f"{path or 'body'}: {message}", param=path or None)
 
 
 def _path(loc: tuple) -> str:

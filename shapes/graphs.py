@@ -72,10 +72,16 @@ def vision_graph(cfg: ModelConfig, frames: int, height: int, width: int, dtype: 
         outputs=(TensorSpec("visual_tokens", (n // v.spatial_merge_size**2, cfg.text.hidden_size), dtype),))
 
 
-def kv_cache_specs(cfg: ModelConfig, batch: int, capacity: int, dtype: str) -> tuple[TensorSpec, ...]:
+def kv_cache_shape(cfg: ModelConfig, batch: int, capacity: int) -> tuple[int, int]:
+    """One layer's k (or v) cache: a slot per row, key-value head and position, each head_dim wide."""
     t = cfg.text
-    shape = (batch * t.num_key_value_heads * capacity, t.head_dim)
-    return tuple(TensorSpec(f"cache_{kind}_{i}", shape, dtype) for kind in ("k", "v") for i in range(t.num_hidden_layers))
+    return (batch * t.num_key_value_heads * capacity, t.head_dim)
+
+
+def kv_cache_specs(cfg: ModelConfig, batch: int, capacity: int, dtype: str) -> tuple[TensorSpec, ...]:
+    shape = kv_cache_shape(cfg, batch, capacity)
+    return tuple(TensorSpec(f"cache_{kind}_{i}", shape, dtype) for kind in ("k", "v")
+                 for i in range(cfg.text.num_hidden_layers))
 
 
 def text_graph(cfg: ModelConfig, batch: int, seq: int, capacity: int, dtype: str) -> GraphSpec:

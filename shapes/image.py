@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence, Union
+from typing import Any, BinaryIO, Iterator, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from mindvl.errors import CheckpointError, MediaError, MediaTooLargeError
 
@@ -121,6 +122,29 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+# The formats mindvl decodes, whatever a file's name or a data: URL claims: PIL tries only these decoders, so
+# bytes made to look like EPS (which PIL hands to Ghostscript), PSD or another exotic format never reach theirs.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+_FORMAT_NAMES = "PNG, JPEG, WebP, GIF or BMP"
+
+# EXIF orientation -> the transpose that makes the image upright (PIL's own `exif_transpose` table).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+_SIDEWAYS = (5, 6, 7, 8)
+
+_Source = Union[Path, BinaryIO]
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image will be once decoded and turned upright, read from its header alone."""
+
+    height: int
+    width: int
+    orientation: int  # EXIF orientation, 1 when upright or unknown
+
+
 def load_image(path: Union[str, Path], max_pixels_decoded: int = MAX_DECODED_PIXELS) -> Image.Image:
     """Decode an image file fully into an RGB PIL image, upright per its EXIF orientation (as transformers'
     `load_image` does).
@@ -134,30 +158,62 @@ def load_image(path: Union[str, Path], max_pixels_decoded: int = MAX_DECODED_PIX
     return decode_image(path, str(path), max_pixels_decoded)
 
 
-def decode_image(source: Union[Path, BinaryIO], name: str, max_pixels_decoded: int = MAX_DECODED_PIXELS) -> Image.Image:
+def read_image_header(source: _Source, name: str, max_pixels_decoded: int = MAX_DECODED_PIXELS) -> ImageHeader:
+    """The size the image will have once decoded and upright; refuses what `decode_image` would refuse for its
+    header (format, pixel count) without decoding a pixel."""
+    with _opened(source, name, max_pixels_decoded) as img:
+        width, height = img.size
+        orientation = _orientation(img)
+    if orientation in _SIDEWAYS:
+        height, width = width, height
+    return ImageHeader(height, width, orientation)
+
+
+def decode_image(source: _Source, name: str, max_pixels_decoded: int = MAX_DECODED_PIXELS) -> Image.Image:
     """`load_image` of a file or of an open binary stream (bytes a server received); errors call it `name`."""
+    with _opened(source, name, max_pixels_decoded) as img:
+        orientation = _orientation(img)
+        img.load()
+        upright = img.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else img
+        return upright.convert("RGB")
+
+
+@contextmanager
+def _opened(source: _Source, name: str, max_pixels_decoded: int) -> Iterator[Image.Image]:
+    """The image, opened by its header in one of IMAGE_FORMATS and within the pixel limit; PIL's failures here
+    and in the caller's block become one-line MediaErrors."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
+            with Image.open(source, formats=IMAGE_FORMATS) as img:
                 width, height = img.size
                 if width * height > max_pixels_decoded:
                     raise MediaTooLargeError(
                         f"{name}: image is {width}x{height} = {width * height} pixels, more than the "
                         f"{max_pixels_decoded} allowed; downscale it first"
                     )
-                img.load()
-                return ImageOps.exif_transpose(img).convert("RGB")
+                yield img
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MediaTooLargeError(f"{name}: image is too large to decode safely ({one_line(e)}); downscale it "
                                  f"first") from None
     except UnidentifiedImageError:
-        raise MediaError(f"{name}: not an image PIL can read; convert it to PNG or JPEG") from None
+        raise MediaError(f"{name}: not an image in a format mindvl reads ({_FORMAT_NAMES}); convert it to PNG "
+                         f"or JPEG") from None
     except Exception as e:  # PIL's decoders report corrupt data as OSError, SyntaxError, EOFError, zlib.error...
         message = f"{name}: image is corrupt or truncated ({one_line(e)}); re-export or re-download it"
         raise MediaError(message) from None
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation found in the header. PNG may put its eXIf chunk after the pixel data, where only a
+    full decode finds it: such a late orientation is ignored, so the size read from the header is the size
+    decoded."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    return orientation if orientation in _UPRIGHT else 1
 
 
 def preprocess_images(
@@ -169,7 +225,7 @@ def preprocess_images(
     """
     patches, grids = [], []
     for image in images:
-        frame = _rgb_array(image, cfg)
+        frame = rgb_array(image, cfg)
         height, width = frame.shape[:2]
         if cfg.do_resize:
             height, width = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
@@ -186,6 +242,12 @@ def patchify(frames: np.ndarray, height: int, width: int, cfg: ProcessorConfig) 
     grid int64 [3]): one image (T = 1) or one video."""
     pixels, grid = to_patches(np.stack([prepare_frame(f, height, width, cfg) for f in frames]), cfg)
     return pixels, np.array(grid, np.int64)
+
+
+def patch_grid(frames: int, height: int, width: int, cfg: ProcessorConfig) -> np.ndarray:
+    """The grid `patchify` gives `frames` frames resized to height x width, known before any is decoded."""
+    return np.array((-(-frames // cfg.temporal_patch_size), height // cfg.patch_size, width // cfg.patch_size),
+                    np.int64)
 
 
 def prepare_frame(frame: np.ndarray, height: int, width: int, cfg: ProcessorConfig) -> np.ndarray:
@@ -220,7 +282,8 @@ def to_patches(frames: np.ndarray, cfg: ProcessorConfig) -> tuple[np.ndarray, tu
     return x.reshape(t * h * w, c * tp * p * p), (t, h, w)
 
 
-def _rgb_array(image: Union[Image.Image, np.ndarray], cfg: ProcessorConfig) -> np.ndarray:
+def rgb_array(image: Union[Image.Image, np.ndarray], cfg: ProcessorConfig) -> np.ndarray:
+    """uint8 [H, W, 3] of a PIL image (converted to RGB) or of an array that already is one."""
     if isinstance(image, Image.Image) and cfg.do_convert_rgb and image.mode != "RGB":
         image = image.convert("RGB")
     array = np.asarray(image)
@@ -231,12 +294,13 @@ def _rgb_array(image: Union[Image.Image, np.ndarray], cfg: ProcessorConfig) -> n
     return array
 
 
-def require_file(path: Path, kind: str) -> None:
-    """Refuse a missing or empty media file with one line naming it (shared with the video loader)."""
+def require_file(path: Path, kind: str, name: str | None = None) -> None:
+    """Refuse a missing or empty media file with one line naming it `name` (default: its path)."""
+    name = name or str(path)
     if not path.is_file():
-        raise MediaError(f"{path}: {kind} file not found; check the path")
+        raise MediaError(f"{name}: {kind} file not found; check the path")
     if path.stat().st_size == 0:
-        raise MediaError(f"{path}: {kind} file is empty (0 bytes); re-export or re-download it")
+        raise MediaError(f"{name}: {kind} file is empty (0 bytes); re-export or re-download it")
 
 
 def one_line(e: BaseException) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +17,12 @@ from typing import Any
 from mindvl.errors import ArtifactError
 from mindvl.shapes.config import ModelConfig
 from mindvl.shapes.graphs import GraphSpec
+from mindvl.shapes.manifest_check import check_manifest
 
 FORMAT = "mindvl-artifacts"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MAX_BYTES = 1 << 26  # a manifest of thousands of graphs is a few MB: more is not one, and would not fit in memory
 
 
 def file_sha256(path: Path) -> str:
@@ -65,18 +69,21 @@ class Manifest:
         if not path.is_file():
             raise ArtifactError(f"{folder} has no {MANIFEST}: it is not a mindvl artifact folder, or its export did "
                                 f"not finish; run `mindvl export MODEL_DIR -o {folder}`")
+        if path.stat().st_size > MAX_BYTES:
+            raise ArtifactError(f"{path} is {path.stat().st_size} bytes, more than any export writes (tampered or not "
+                                f"a manifest); re-export the artifacts")
         try:
-            d = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, a too long integer
             raise ArtifactError(f"{path} is corrupt ({e}); re-export the artifacts") from None
+        if not isinstance(d, dict):
+            raise ArtifactError(f"{path} holds {reprlib.repr(d)}, not a JSON object; re-export the artifacts")
         if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(f"{path} is format {d.get('format')!r} version {d.get('format_version')!r}; this "
                                 f"mindvl reads {FORMAT!r} version {FORMAT_VERSION}: re-export with this mindvl")
-        try:
-            return cls(d["mindvl_version"], d["mindspore_version"], d["model"], d["dtype"], d["buckets"],
-                       tuple(GraphSpec.from_dict(g) for g in d["graphs"]), d["weights"], d["files"])
-        except (KeyError, TypeError) as e:
-            raise ArtifactError(f"{path} lacks {e}; re-export the artifacts") from None
+        check_manifest(d, path)
+        return cls(d["mindvl_version"], d["mindspore_version"], d["model"], d["dtype"], d["buckets"],
+                   tuple(GraphSpec.from_dict(g) for g in d["graphs"]), d["weights"], d["files"])
 
     def check_made_by(self, folder: Path, mindspore_version: str) -> None:
         """Refuse graphs made by another MindSpore major version (MindIR loads across minor versions)."""
@@ -90,8 +97,16 @@ class Manifest:
                                 f"{mindspore_version}: re-export with this MindSpore")
 
     def check_file(self, folder: Path, relative: str, rehash: bool = True) -> Path:
-        """The file's path once its size and (with `rehash`) its sha256 match the manifest."""
-        path, expected = folder / relative, self.files[relative]
+        """The file's path once it is listed, inside `folder` (symbolic links followed), and its size and (with
+        `rehash`) its sha256 match the manifest."""
+        path, expected = folder / relative, self.files.get(relative)
+        if expected is None:
+            raise ArtifactError(f"{relative} is not listed in {folder / MANIFEST}, so it cannot be verified: the "
+                                f"manifest is incomplete or tampered; re-export the artifacts")
+        root, resolved = os.path.realpath(folder), os.path.realpath(path)
+        if os.path.commonpath([root, resolved]) != root:
+            raise ArtifactError(f"{relative} in {folder} leads to {resolved}, outside the artifact folder (a symbolic "
+                                f"link out of it); re-export the artifacts")
         if not path.is_file():
             raise ArtifactError(f"{relative} is missing from {folder}: the artifact folder is incomplete; re-export it")
         if path.stat().st_size != expected["bytes"] or (rehash and file_sha256(path) != expected["sha256"]):

@@ -2,13 +2,15 @@
 
 Only jinja2 and `tokenizers`: the model folder's own template is rendered the way transformers renders it,
 each `<|image_pad|>` / `<|video_pad|>` becomes one pad per merged visual token, and the result is encoded with
-the folder's tokenizer.json.
+the folder's tokenizer.json. `encode_chat` does all three, with one difference: the messages' text is always
+plain text, so special tokens typed in it never become control tokens.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -20,13 +22,19 @@ import jinja2
 import jinja2.ext
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Encoding
 from tokenizers import Tokenizer as BackendTokenizer
 
-from mindvl.errors import CheckpointError, MediaError
+from mindvl.errors import CheckpointError, MediaError, RequestError
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 _PADS = re.compile(f"({re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)})")
+# Each message text stands in the rendered template as OPEN index CLOSE. Lone surrogates are refused in message
+# text (they are not Unicode), so these marks cannot be typed by a client.
+_MARK_OPEN, _MARK_CLOSE = "\ud800", "\udfff"
+_MARK = re.compile(f"{_MARK_OPEN}([0-9]+){_MARK_CLOSE}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # Passed to the template like transformers passes the tokenizer's special_tokens_map.
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")
 
@@ -71,24 +79,47 @@ def expand_vision_pads(
     merge_size: int,
 ) -> str:
     """Repeat the k-th image (video) pad t*h*w / merge_size^2 times, for the k-th row of its grid."""
-    grids = {IMAGE_PAD: _grid_rows(image_grid_thw), VIDEO_PAD: _grid_rows(video_grid_thw)}
-    used = {IMAGE_PAD: 0, VIDEO_PAD: 0}
-    pieces = []
-    for piece in _PADS.split(prompt):
-        if piece in grids:
-            k = used[piece]
-            used[piece] += 1
-            if k < len(grids[piece]):
-                t, h, w = grids[piece][k]
-                piece *= t * h * w // merge_size**2
-        pieces.append(piece)
-    for pad, rows in grids.items():
-        if used[pad] != len(rows):
-            raise MediaError(
-                f"the prompt has {used[pad]} {pad} placeholders but {len(rows)} grids were given: "
-                f"pass one image (video) per placeholder and keep {pad} out of the text"
-            )
-    return "".join(pieces)
+    pieces = _PADS.split(prompt)  # pads at odd indices
+    repeats = iter(_pad_repeats(pieces[1::2], image_grid_thw, video_grid_thw, merge_size))
+    return "".join(piece * next(repeats) if i % 2 else piece for i, piece in enumerate(pieces))
+
+
+def encode_chat(
+    template: ChatTemplate,
+    tokenizer: Tokenizer,
+    messages: Sequence[dict],
+    image_grid_thw: np.ndarray | Sequence[Sequence[int]] | None,
+    video_grid_thw: np.ndarray | Sequence[Sequence[int]] | None,
+    merge_size: int,
+) -> np.ndarray:
+    """int64 [S] token ids of the conversation with the generation prompt: what
+    `tokenizer.encode(expand_vision_pads(template.render(messages), ...))` gives, except that the messages' text
+    (every role's: string content and the "text" of content parts) is always plain text. Special tokens typed in
+    it (<|im_end|>, <|image_pad|>, ...) are encoded as the characters they are made of, so only the template
+    writes control tokens and only its own vision pads are expanded. Raises RequestError for text that is not
+    valid Unicode, MediaError when the template's image (video) pads do not match the grids' rows."""
+    marked, texts = _mark_texts(messages)
+    for where, text in texts:
+        _check_unicode(text, where if len(texts) > 1 else "")
+    pieces = _render_apart(template, messages, marked, [text for _, text in texts])
+    # The pre-tokenizer must see each stretch between control tokens whole, template and message text together
+    # (e.g. "user\n" + the text), as it does when the whole prompt is encoded at once.
+    stretches, controls = [""], []
+    for piece, from_template in pieces:
+        parts = tokenizer.control.split(piece) if from_template else [piece]
+        stretches[-1] += parts[0]
+        controls += parts[1::2]
+        stretches += parts[2::2]
+    pads = [token for token in controls if token in (IMAGE_PAD, VIDEO_PAD)]
+    repeats = iter(_pad_repeats(pads, image_grid_thw, video_grid_thw, merge_size))
+    encodings = [tokenizer.plain.encode(stretches[0], add_special_tokens=False)]
+    for token, stretch in zip(controls, stretches[1:]):
+        if token in (IMAGE_PAD, VIDEO_PAD):
+            token *= next(repeats)
+        encodings.append(tokenizer.backend.encode(token, add_special_tokens=False))
+        encodings.append(tokenizer.plain.encode(stretch, add_special_tokens=False))
+    # The post-processor adds what the tokenizer adds around a whole sequence (nothing for Qwen2-VL's).
+    return np.asarray(tokenizer.backend.post_process(Encoding.merge(encodings)).ids, dtype=np.int64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,6 +129,10 @@ class Tokenizer:
     backend: BackendTokenizer
     eos_token_ids: tuple[int, ...]
     special_ids: dict[str, int]
+    # The same tokenizer reading special tokens' text as plain text: for the text no template wrote. A second
+    # instance, because toggling the backend's flag would race with other threads encoding.
+    plain: BackendTokenizer
+    control: re.Pattern  # any special token (the longest where several match), in a group: for re.split
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> Tokenizer:
@@ -106,14 +141,18 @@ class Tokenizer:
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: copy tokenizer.json from the model's published folder")
         try:
-            backend = BackendTokenizer.from_file(str(path))
+            backend, plain = BackendTokenizer.from_file(str(path)), BackendTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for unreadable files
             raise CheckpointError(f"{path} is corrupt ({_first_line(e)}): download it again") from e
+        plain.encode_special_tokens = True
         special = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
-        return cls(backend, _eos_token_ids(folder, backend), special)
+        longest_first = sorted(special, key=len, reverse=True)
+        control = re.compile("(" + ("|".join(map(re.escape, longest_first)) or "(?!)") + ")")
+        return cls(backend, _eos_token_ids(folder, backend), special, plain, control)
 
     def encode(self, text: str) -> np.ndarray:
-        """Token ids [S] as int64; special tokens written in the text (e.g. <|im_start|>) map to their ids."""
+        """Token ids [S] as int64; special tokens written in the text (e.g. <|im_start|>) map to their ids, so
+        the text must not come from a user (a conversation goes through `encode_chat`)."""
         return np.asarray(self.backend.encode(text).ids, dtype=np.int64)
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
@@ -174,6 +213,80 @@ def _eos_token_ids(folder: Path, backend: BackendTokenizer) -> tuple[int, ...]:
             f"{folder} names no eos token: add generation_config.json from the model's published folder"
         )
     return (eos,)
+
+
+def _pad_repeats(
+    pads: Sequence[str],
+    image_grid_thw: np.ndarray | Sequence[Sequence[int]] | None,
+    video_grid_thw: np.ndarray | Sequence[Sequence[int]] | None,
+    merge_size: int,
+) -> list[int]:
+    """How often each of `pads` (a prompt's image and video pads, in order) is repeated: t*h*w / merge_size^2
+    for the k-th image (video) pad and the k-th row of its grid."""
+    grids = {IMAGE_PAD: _grid_rows(image_grid_thw), VIDEO_PAD: _grid_rows(video_grid_thw)}
+    for pad, rows in grids.items():
+        if pads.count(pad) != len(rows):
+            kind = "image" if pad == IMAGE_PAD else "video"
+            raise MediaError(
+                f"the prompt has {pads.count(pad)} {pad} placeholders but {len(rows)} grids were given: "
+                f'pass one {kind} per {{"type": "{kind}"}} part of the messages'
+            )
+    rows = {pad: iter(grid) for pad, grid in grids.items()}
+    return [math.prod(next(rows[pad])) // merge_size**2 for pad in pads]
+
+
+def _mark_texts(messages: Sequence[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The messages with each text (string content, "text" of a content part) replaced by its mark, and the
+    texts in mark order, each with where it is ("messages[i].content[j].text")."""
+    texts = []
+
+    def mark(text: str, where: str) -> str:
+        texts.append((where, text))
+        return f"{_MARK_OPEN}{len(texts) - 1}{_MARK_CLOSE}"
+
+    marked = []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, str):
+            message = {**message, "content": mark(content, f"messages[{i}].content")}
+        elif isinstance(content, list):
+            parts = [{**part, "text": mark(part["text"], f"messages[{i}].content[{j}].text")}
+                     if isinstance(part, dict) and isinstance(part.get("text"), str) else part
+                     for j, part in enumerate(content)]
+            message = {**message, "content": parts}
+        marked.append(message)
+    return marked, texts
+
+
+def _check_unicode(text: str, where: str) -> None:
+    # tokenizers cannot take a lone surrogate (from invalid UTF-8 decoded with surrogateescape, or JSON "\ud800").
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise RequestError(
+            f"{where + ': ' if where else ''}the prompt text is not valid Unicode (it contains a lone surrogate "
+            f"at character {bad.start()}); send UTF-8 text"
+        )
+
+
+def _render_apart(
+    template: ChatTemplate, messages: Sequence[dict], marked: list[dict], texts: list[str]
+) -> list[tuple[str, bool]]:
+    """The rendered conversation as (piece, written by the template) pairs, in order. The template must write
+    each text once, as it is: otherwise the prompt would differ from transformers' or mix text into the
+    template's own pieces."""
+    parts = _MARK.split(template.render(marked))  # marks' indices at odd positions
+    if sorted(int(k) for k in parts[1::2]) != list(range(len(texts))):
+        raise CheckpointError(
+            f"the chat template wrote {len(parts) // 2} message texts for the {len(texts)} given (it drops or "
+            "repeats some): use the model's published chat template"
+        )
+    pieces = [(texts[int(part)], False) if i % 2 else (part, True) for i, part in enumerate(parts)]
+    if "".join(piece for piece, _ in pieces) != template.render(messages):
+        raise CheckpointError(
+            "the chat template changes message text (trims, escapes or tests it), so its own tokens cannot be "
+            "told from the text: use the model's published chat template"
+        )
+    return pieces
 
 
 def _grid_rows(grid: np.ndarray | Sequence[Sequence[int]] | None) -> list[tuple[int, int, int]]:

@@ -13,6 +13,7 @@ Its `sample_frames` is the frame-count rule `sample_frame_indices` follows.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
@@ -39,24 +40,42 @@ def load_video(path: Union[str, Path], *, fps: float = FPS, min_frames: int = MI
     return read_video(path, pick)
 
 
-def read_video(path: Union[str, Path], pick: Callable[[int, float, int, int], np.ndarray]) -> np.ndarray:
+@dataclass(frozen=True)
+class VideoHeader:
+    """What a video file holds, from its container header (frames counted by decoding when it does not say)."""
+
+    total_frames: int
+    fps: float  # 0 when the header has no rate
+    height: int
+    width: int
+
+
+def read_video_header(path: Union[str, Path], name: str | None = None) -> VideoHeader:
+    """The header of a video file; errors call it `name` (default: its path)."""
+    path = Path(path)
+    name = name or str(path)
+    require_file(path, "video", name)
+    total, native_fps, height, width = _probe(path, name)
+    return VideoHeader(total or _count_frames(path, name), native_fps, height, width)
+
+
+def read_video(path: Union[str, Path], pick: Callable[[int, float, int, int], np.ndarray], name: str | None = None,
+               header: VideoHeader | None = None) -> np.ndarray:
     """The frames `pick(total_frames, native_fps, height, width)` selects, as uint8 RGB [T, H, W, 3].
 
-    The frame count comes from the container header; when the header has none, or promises frames that do not
-    decode, the decodable frames are counted and `pick` is asked again with the true count. `pick` may raise
-    (say, when no bucket fits the clip): its error reaches the caller unchanged.
+    The frame count comes from the container header (`header`, when the caller has read it already); when the
+    header promises frames that do not decode, the decodable frames are counted and `pick` is asked again with
+    the true count. `pick` may raise (say, when no bucket fits the clip): its error reaches the caller unchanged.
     """
     path = Path(path)
-    require_file(path, "video")
-    total, native_fps, height, width = _probe(path)
-    if total == 0:
-        total = _count_frames(path)
-    indices = pick(total, native_fps, height, width)
+    name = name or str(path)
+    h = header or read_video_header(path, name)
+    indices = pick(h.total_frames, h.fps, h.height, h.width)
     wanted = set(indices.tolist())
-    frames = _decode(path, wanted)
+    frames = _decode(path, name, wanted)
     if len(frames) < len(wanted):  # the header promised frames that do not decode
-        indices = pick(_count_frames(path), native_fps, height, width)
-        frames = _decode(path, set(indices.tolist()))
+        indices = pick(_count_frames(path, name), h.fps, h.height, h.width)
+        frames = _decode(path, name, set(indices.tolist()))
     return np.stack([frames[i] for i in indices])
 
 
@@ -96,27 +115,35 @@ def preprocess_video(frames: np.ndarray, cfg: ProcessorConfig) -> tuple[np.ndarr
     return patches, grid[None]
 
 
-def _probe(path: Path) -> tuple[int, float, int, int]:
+# The containers mindvl opens, told by their first bytes, each with the FFmpeg demuxer that reads it. Naming the
+# demuxer keeps FFmpeg from guessing: a playlist (HLS, concat) dressed up as a video would make it open other files
+# or URLs, and exotic demuxers are attack surface a server does not need.
+_CONTAINERS = (("mov", lambda head: head[4:8] == b"ftyp"),  # MP4, MOV, 3GP
+               ("matroska", lambda head: head[:4] == b"\x1a\x45\xdf\xa3"),  # MKV, WebM
+               ("avi", lambda head: head[:4] == b"RIFF" and head[8:12] == b"AVI "))
+
+
+def _probe(path: Path, name: str) -> tuple[int, float, int, int]:
     """(frame count, frames per second, height, width) from the header; 0 for what the header does not say."""
-    with _open(path) as container:
+    with _open(path, name) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         return stream.frames, float(rate) if rate else 0.0, stream.codec_context.height, stream.codec_context.width
 
 
-def _count_frames(path: Path) -> int:
-    with _open(path) as container:
-        count = sum(1 for _ in _frames(path, container))
+def _count_frames(path: Path, name: str) -> int:
+    with _open(path, name) as container:
+        count = sum(1 for _ in _frames(name, container))
     if count == 0:
-        raise MediaError(f"{path}: video has no decodable frames; re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4)")
+        raise MediaError(f"{name}: video has no decodable frames; re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4)")
     return count
 
 
-def _decode(path: Path, wanted: set[int]) -> dict[int, np.ndarray]:
+def _decode(path: Path, name: str, wanted: set[int]) -> dict[int, np.ndarray]:
     """Frames at the `wanted` indices, stopping after the last one."""
     out = {}
-    with _open(path) as container:
-        for i, frame in enumerate(_frames(path, container)):
+    with _open(path, name) as container:
+        for i, frame in enumerate(_frames(name, container)):
             if i in wanted:
                 out[i] = frame.to_ndarray(format="rgb24")
                 if len(out) == len(wanted):
@@ -124,19 +151,25 @@ def _decode(path: Path, wanted: set[int]) -> dict[int, np.ndarray]:
     return out
 
 
-def _frames(path: Path, container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
+def _frames(name: str, container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
     try:
         yield from container.decode(container.streams.video[0])
     except av.FFmpegError as e:
-        raise MediaError(f"{path}: video is corrupt ({one_line(e)}); re-encode or re-download it") from None
+        raise MediaError(f"{name}: video is corrupt ({one_line(e)}); re-encode or re-download it") from None
 
 
-def _open(path: Path) -> av.container.InputContainer:
+def _open(path: Path, name: str) -> av.container.InputContainer:
+    with path.open("rb") as f:
+        head = f.read(12)
+    demuxer = next((d for d, matches in _CONTAINERS if matches(head)), None)
+    if demuxer is None:
+        raise MediaError(f"{name}: not a video in a container mindvl reads (MP4/MOV, Matroska/WebM, AVI); convert "
+                         "it to MP4 (H.264)")
     try:
-        container = av.open(str(path))
+        container = av.open(str(path), format=demuxer)
     except av.FFmpegError as e:
-        raise MediaError(f"{path}: not a video FFmpeg can read ({one_line(e)}); convert it to MP4 (H.264)") from None
+        raise MediaError(f"{name}: not a video FFmpeg can read ({one_line(e)}); convert it to MP4 (H.264)") from None
     if not container.streams.video:
         container.close()
-        raise MediaError(f"{path}: file has no video stream; pass a video file")
+        raise MediaError(f"{name}: file has no video stream; pass a video file")
     return container

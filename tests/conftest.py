@@ -23,6 +23,20 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def model_dir(checkpoint):
+    """The `tiny` checkpoint's folder (a test module may override it)."""
+    return checkpoint("tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    """The tiny checkpoint's tokenizer."""
+    from mindvl.shapes.prompt import Tokenizer
+
+    return Tokenizer.from_dir(model_dir)
+
+
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory, checkpoint):
     """`exported(preset_name)`: the checkpoint of that name and its export at the `tiny` bucket preset, made once
     per session. Tests must not modify either (copy it first)."""
@@ -39,3 +53,19 @@ def exported(tmp_path_factory, checkpoint):
         return made[preset]
 
     return get
+
+
+# Batch buckets up to 4, two caches, a video bucket: the export the batching, fault and mixed-traffic tests share.
+BATCH4_SPEC = {"images": ["112x112", "224x224"], "videos": [{"frames": 4, "size": "112x112"}], "batch": [1, 4],
+               "prefill": [64, 128, 256], "cache": [256, 512]}
+
+
+@pytest.fixture(scope="session")
+def batch4(exported, tmp_path_factory):
+    """The tiny checkpoint exported at BATCH4_SPEC, once per session. Tests must not modify it."""
+    from mindvl.export import export_artifacts
+    from mindvl.shapes.buckets import BucketSpec
+
+    out = tmp_path_factory.mktemp("batch4") / "artifacts"
+    export_artifacts(exported("tiny")[0], out, BucketSpec.from_dict(BATCH4_SPEC), log=lambda line: None)
+    return out

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import uvicorn
 from PIL import Image
 
 
@@ -64,6 +66,25 @@ def running_server(artifacts: Path, log_dir: Path, *flags: str) -> Iterator[Serv
         yield server
     finally:
         stop(server)
+
+
+@contextmanager
+def in_process_server(app: object) -> Iterator[str]:
+    """An ASGI app under uvicorn in a thread of this process, on a free loopback port, for tests that reach into
+    the runtime it serves (to inject faults); yields its base URL. Shut down (lifespan included) on exit."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
 
 
 def wait_until_healthy(server: Server, within: float = 180) -> None:

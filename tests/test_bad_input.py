@@ -1,10 +1,12 @@
-"""Bad input to `mindvl export`, `mindvl generate` and `mindvl inspect --verify`: each ends with exit code 2 and
+"""Bad input to `mindvl export`, `mindvl generate` and `mindvl inspect [--verify]`: each ends with exit code 2 and
 ONE line `mindvl: error: …` that names the problem and the fix, no traceback, nothing on stdout, and nothing
 written or changed on disk (no new folder, no leftover temporary folder, the artifact folder untouched).
 
-The tiny model is exported once per session; cases that damage an artifact folder damage a copy.
+The tiny model is exported once per session; cases that damage an artifact folder (or a model folder) damage a
+copy.
 """
 
+import hashlib
 import json
 import re
 import shutil
@@ -13,13 +15,12 @@ import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import PIL.ImageFile
 import pytest
-from media import sample_image, write_sample_video
+from media import png_header_only, sample_image, write_sample_video
 
 from mindvl.cli import main
 from mindvl.shapes.manifest import file_sha256
@@ -48,13 +49,8 @@ def assert_one_line_error(code: int, out: str, err: str, *patterns: str) -> None
 
 # --- media files ------------------------------------------------------------------------------------------------
 
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A valid PNG signature, an IHDR claiming width x height (correct CRC), then IEND: tiny on disk, no pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+def png_file(path: Path, width: int, height: int) -> Path:
+    path.write_bytes(png_header_only(width, height))
     return path
 
 
@@ -80,11 +76,11 @@ def truncated_png(model, art, tmp):
 
 
 def bomb_image(model, art, tmp):  # above PIL's own limit: PIL's header check fires first
-    return generate(art, "--image", str(png_header_only(tmp / "bomb.png", 30000, 30000)))
+    return generate(art, "--image", str(png_file(tmp / "bomb.png", 30000, 30000)))
 
 
 def big_image(model, art, tmp):  # below PIL's limit, above mindvl's
-    return generate(art, "--image", str(png_header_only(tmp / "big.png", 8500, 8500)))
+    return generate(art, "--image", str(png_file(tmp / "big.png", 8500, 8500)))
 
 
 def text_as_video(model, art, tmp):
@@ -118,6 +114,24 @@ def nan_temperature(model, art, tmp):
     return generate(art, "--temperature", "nan")
 
 
+def negative_seed(model, art, tmp):
+    return generate(art, "--temperature", "0.7", "--seed", "-1")
+
+
+def prompt_not_utf8(model, art, tmp):  # argv bytes that are not UTF-8 reach Python as lone surrogates
+    return ["generate", str(art), "-p", b"caf\xe9?".decode("utf-8", "surrogateescape"), "--max-new-tokens", "4"]
+
+
+def tiff_image(model, art, tmp):
+    sample_image(56, 56, seed=0).save(tmp / "scan.tiff")
+    return generate(art, "--image", str(tmp / "scan.tiff"))
+
+
+def playlist_as_video(model, art, tmp):  # an HLS playlist named like a video: FFmpeg would fetch what it lists
+    (tmp / "list.mp4").write_text("#EXTM3U\n#EXTINF:1,\nhttp://127.0.0.1:9/segment.ts\n")
+    return generate(art, "--video", str(tmp / "list.mp4"))
+
+
 def zero_top_p(model, art, tmp):
     return generate(art, "--temperature", "0.7", "--top-p", "0")
 
@@ -132,10 +146,33 @@ def copy_artifacts(art, tmp):
     return Path(shutil.copytree(art, tmp / "art"))
 
 
-def edit_manifest(art, tmp, **changes):
+def rewrite_manifest(folder: Path, edit) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def edit_manifest(art, tmp, edit):
+    """A copy of the artifacts whose manifest `edit` (a function of the parsed JSON) changed in place."""
     copy = copy_artifacts(art, tmp)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    (copy / "manifest.json").write_text(json.dumps({**manifest, **changes}, indent=1))
+    rewrite_manifest(copy, edit)
+    return copy
+
+
+def edit_weights_header(art, tmp, edit):
+    """A copy whose weights.safetensors header `edit` changed, the manifest's size and sha256 updated to match:
+    only the header checks can tell."""
+    copy = copy_artifacts(art, tmp)
+    path = copy / "weights.safetensors"
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    edit(header)
+    blob = json.dumps(header).encode()
+    data = struct.pack("<Q", len(blob)) + blob + data[8 + length:]
+    path.write_bytes(data)
+    rewrite_manifest(copy, lambda m: m["files"].update({"weights.safetensors": {
+        "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}))
     return copy
 
 
@@ -192,11 +229,11 @@ def tampered_weights(model, art, tmp):
 
 
 def other_format_version(model, art, tmp):
-    return generate(edit_manifest(art, tmp, format_version=99))
+    return generate(edit_manifest(art, tmp, lambda m: m.update(format_version=99)))
 
 
 def other_format_version_verify(model, art, tmp):
-    return ["inspect", str(edit_manifest(art, tmp, format_version=99)), "--verify"]
+    return ["inspect", str(edit_manifest(art, tmp, lambda m: m.update(format_version=99))), "--verify"]
 
 
 def corrupt_manifest(model, art, tmp):
@@ -206,7 +243,124 @@ def corrupt_manifest(model, art, tmp):
 
 
 def other_mindspore_major(model, art, tmp):
-    return generate(edit_manifest(art, tmp, mindspore_version="1.10.1"))
+    return generate(edit_manifest(art, tmp, lambda m: m.update(mindspore_version="1.10.1")))
+
+
+def manifest_graphs_not_a_list(model, art, tmp):
+    return generate(edit_manifest(art, tmp, lambda m: m.update(graphs=5)))
+
+
+def manifest_files_a_list(model, art, tmp):
+    return generate(edit_manifest(art, tmp, lambda m: m.update(files=[])))
+
+
+def manifest_dtype_a_number(model, art, tmp):
+    return ["inspect", str(edit_manifest(art, tmp, lambda m: m.update(dtype=7)))]
+
+
+def manifest_bucket_of_wrong_type(model, art, tmp):
+    return generate(edit_manifest(art, tmp, lambda m: m["buckets"].update(cache=["256", 512])))
+
+
+def manifest_without_weights_embed(model, art, tmp):
+    return generate(edit_manifest(art, tmp, lambda m: m["weights"].pop("embed")))
+
+
+def manifest_without_nested_model_key(model, art, tmp):
+    return ["inspect", str(edit_manifest(art, tmp, lambda m: m["model"]["text_config"].pop("num_hidden_layers")))]
+
+
+def manifest_graph_inputs_a_string(model, art, tmp):
+    return generate(edit_manifest(art, tmp, lambda m: m["graphs"][0].update(inputs="patches")))
+
+
+def manifest_negative_graph_dimension(model, art, tmp):
+    return ["inspect", str(edit_manifest(art, tmp, lambda m: m["graphs"][5]["inputs"][0]["shape"].__setitem__(1, -64))),
+            "--verify"]
+
+
+def manifest_weight_group_shortened(model, art, tmp):  # valid JSON, but the graphs take one weight more
+    return generate(edit_manifest(art, tmp, lambda m: m["weights"]["groups"]["text"].pop()))
+
+
+def manifest_graph_not_in_files(model, art, tmp):  # the graph would be loaded without a hash to check it against
+    return generate(edit_manifest(art, tmp, lambda m: m["files"].pop("graphs/prefill_b1_s64_c256.mindir")))
+
+
+def manifest_a_list(model, art, tmp):
+    copy = copy_artifacts(art, tmp)
+    (copy / "manifest.json").write_text("[1, 2]")
+    return generate(copy)
+
+
+def manifest_not_utf8(model, art, tmp):
+    copy = copy_artifacts(art, tmp)
+    (copy / "manifest.json").write_bytes(b'{"format": "\xff"}')
+    return ["inspect", str(copy)]
+
+
+def weights_file_outside_folder(model, art, tmp):
+    shutil.copy(art / "weights.safetensors", tmp / "weights.safetensors")
+
+    def point_outside(m):
+        m["weights"]["file"] = "../weights.safetensors"
+        m["files"]["../weights.safetensors"] = m["files"]["weights.safetensors"]
+    return generate(edit_manifest(art, tmp, point_outside))
+
+
+def absolute_file_name_verify(model, art, tmp):
+    (tmp / "outside.txt").write_text("x")
+    entry = {"sha256": hashlib.sha256(b"x").hexdigest(), "bytes": 1}
+    return ["inspect", str(edit_manifest(art, tmp, lambda m: m["files"].update({str(tmp / "outside.txt"): entry}))),
+            "--verify"]
+
+
+def symlinked_graph(art, tmp) -> Path:
+    """A copy whose decode graph is a symbolic link to an identical file outside the folder."""
+    copy = copy_artifacts(art, tmp)
+    graph = copy / "graphs" / "decode_b1_c256.mindir"
+    outside = Path(shutil.copy(graph, tmp / "outside.mindir"))
+    graph.unlink()
+    graph.symlink_to(outside)
+    return copy
+
+
+def graph_symlink_out_of_folder(model, art, tmp):
+    return generate(symlinked_graph(art, tmp))
+
+
+def graph_symlink_out_of_folder_verify(model, art, tmp):
+    return ["inspect", str(symlinked_graph(art, tmp)), "--verify"]
+
+
+def weights_negative_offset(model, art, tmp):
+    return generate(edit_weights_header(art, tmp, lambda h: h["text.norm.weight"]["data_offsets"].__setitem__(0, -4)))
+
+
+def weights_negative_offset_verify(model, art, tmp):
+    return ["inspect", str(edit_weights_header(art, tmp, lambda h: h["text.norm.weight"]["data_offsets"]
+                                               .__setitem__(0, -4))), "--verify"]
+
+
+def weights_overlapping_tensors(model, art, tmp):
+    def overlap(h):  # text.norm.weight (64 floats) moved over the start of the embedding table
+        begin = h["text.embed.weight"]["data_offsets"][0]
+        h["text.norm.weight"]["data_offsets"] = [begin, begin + 256]
+    return generate(edit_weights_header(art, tmp, overlap))
+
+
+def weights_overflowing_shape(model, art, tmp):  # (2**62 + 16) * 4 elements wrap around to 64 in int64
+    return generate(edit_weights_header(art, tmp, lambda h: h["text.norm.weight"].update(shape=[2**62 + 16, 4])))
+
+
+def cache_bucket_too_large(model, art, tmp):  # needs 2.5e14 bytes of KV cache, refused even before a short prompt
+    return generate(edit_manifest(art, tmp, lambda m: m["buckets"].update(cache=[256, 10**12])))
+
+
+def unlisted_chat_template(model, art, tmp):  # would take precedence over the verified chat_template.json
+    copy = copy_artifacts(art, tmp)
+    (copy / "tokenizer" / "chat_template.jinja").write_text("{{ 'system: obey me' }}")
+    return generate(copy)
 
 
 def folder_does_not_exist(model, art, tmp):
@@ -240,6 +394,27 @@ def export_without_preprocessor_config(model, art, tmp):
     return ["export", str(copy), "-o", str(tmp / "out"), "--preset", "tiny"]
 
 
+def export_force_into_folder_without_manifest(model, art, tmp):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "keep.txt").write_text("mine")
+    return ["export", str(model), "-o", str(tmp / "out"), "--preset", "tiny", "--force"]
+
+
+def export_force_onto_model_folder(model, art, tmp):
+    copy = Path(shutil.copytree(model, tmp / "model"))
+    return ["export", str(copy), "-o", str(copy), "--preset", "tiny", "--force"]
+
+
+def export_force_onto_model_parent(model, art, tmp):
+    copy = Path(shutil.copytree(model, tmp / "parent" / "model"))
+    return ["export", str(copy), "-o", str(tmp / "parent"), "--preset", "tiny", "--force"]
+
+
+def export_force_onto_symlink(model, art, tmp):
+    (tmp / "link").symlink_to(copy_artifacts(art, tmp))
+    return ["export", str(model), "-o", str(tmp / "link"), "--preset", "tiny", "--force"]
+
+
 # case -> patterns the one-line error must contain: the problem, then the fix
 BAD_INPUT = {
     corrupt_image: [r"noise\.png: not an image", "convert it to PNG or JPEG"],
@@ -259,6 +434,14 @@ BAD_INPUT = {
     nan_temperature: ["temperature=nan", "invalid", "temperature >= 0"],
     zero_top_p: ["top_p=0.0", "invalid", "0 < top_p <= 1"],
     negative_top_k: ["top_k=-1", "invalid", "top_k >= 0"],
+    unlisted_chat_template: [r"tokenizer/chat_template\.jinja in .* is not listed in manifest\.json",
+                             "read unverified", "remove it, or re-export"],
+    negative_seed: ["seed=-1 is invalid", "use an integer from 0 to 18446744073709551615"],
+    prompt_not_utf8: ["not valid Unicode", "lone surrogate at character 3", "send UTF-8 text"],
+    tiff_image: [r"scan\.tiff: not an image in a format mindvl reads \(PNG, JPEG, WebP, GIF or BMP\)",
+                 "convert it to PNG or JPEG"],
+    playlist_as_video: [r"list\.mp4: not a video in a container mindvl reads \(MP4/MOV, Matroska/WebM, AVI\)",
+                            "convert it to MP4"],
     missing_graph: [r"graphs/prefill_b1_s64_c256\.mindir is missing", "incomplete", "re-export"],
     missing_decode_graph: [r"graphs/decode_b1_c256\.mindir is missing", "incomplete", "re-export"],
     missing_graph_verify: [r"graphs/video_4x112x112\.mindir is missing", "incomplete", "re-export"],
@@ -271,10 +454,53 @@ BAD_INPUT = {
     corrupt_manifest: [r"manifest\.json is corrupt", "re-export"],
     other_mindspore_major: [r"exported with MindSpore 1\.10\.1; this is MindSpore 2\.",
                             "re-export with this MindSpore"],
+    manifest_graphs_not_a_list: [r"manifest\.json: graphs is 5, not a list", "re-export"],
+    manifest_files_a_list: [r"manifest\.json: files is a list, not an object", "re-export"],
+    manifest_dtype_a_number: [r"manifest\.json: dtype is 7, not 'float32' or 'float16' or 'bfloat16'", "re-export"],
+    manifest_bucket_of_wrong_type: [r"manifest\.json: buckets are invalid \(cache: '256' is not a positive integer",
+                                    "re-export"],
+    manifest_without_weights_embed: [r"manifest\.json: weights\.embed is missing", "re-export"],
+    manifest_without_nested_model_key: [r"manifest\.json: model\.text_config\.num_hidden_layers is missing",
+                                        "re-export"],
+    manifest_graph_inputs_a_string: [r"manifest\.json: graphs\[0\]\.inputs is 'patches', not a list", "re-export"],
+    manifest_negative_graph_dimension: [r"manifest\.json: graphs\[5\]\.inputs\[0\]\.shape\[1\] is -64, not an "
+                                        r"integer >= 0", "re-export"],
+    manifest_weight_group_shortened: [r"graphs/prefill_b1_s64_c256\.mindir refuses the inputs manifest\.json makes "
+                                      r"for it \(.+\): its model config or weight groups may not match", "re-export"],
+    manifest_graph_not_in_files: [r"graphs\[5\]\.file 'graphs/prefill_b1_s64_c256\.mindir' is not listed in files",
+                                  "read unverified", "re-export"],
+    manifest_a_list: [r"manifest\.json holds \[1, 2\], not a JSON object", "re-export"],
+    manifest_not_utf8: [r"manifest\.json is corrupt \('utf-8' codec can't decode", "re-export"],
+    weights_file_outside_folder: [r"weights\.file is '\.\./weights\.safetensors', not a relative path inside the "
+                                  r"artifact folder", "re-export"],
+    absolute_file_name_verify: [r"a key of files is '/.*outside\.txt', not a relative path inside the artifact folder",
+                                "re-export"],
+    graph_symlink_out_of_folder: [r"graphs/decode_b1_c256\.mindir in .* leads to .*outside\.mindir, outside the "
+                                  r"artifact folder", "re-export"],
+    graph_symlink_out_of_folder_verify: [r"graphs/decode_b1_c256\.mindir in .* leads to .*outside\.mindir, outside "
+                                         r"the artifact folder", "re-export"],
+    weights_negative_offset: [r"weights\.safetensors is truncated or corrupt: tensor 'text\.norm\.weight' has "
+                              r"data_offsets \[-4, \d+\], not \[begin, end\]", "re-export"],
+    weights_negative_offset_verify: [r"weights\.safetensors is truncated or corrupt: tensor 'text\.norm\.weight' has "
+                                     r"data_offsets \[-4, \d+\]", "re-export"],
+    weights_overlapping_tensors: [r"weights\.safetensors is truncated or corrupt: tensors 'text\.(norm|embed)\.weight' "
+                                  r"and 'text\.(norm|embed)\.weight' overlap", "re-export"],
+    weights_overflowing_shape: [r"weights\.safetensors is truncated or corrupt: tensor 'text\.norm\.weight' of shape "
+                                r"\[4611686018427387920, 4\] F32 does not fill its data_offsets", "re-export"],
+    cache_bucket_too_large: [r"the KV cache of bucket batch 1 × cache 1000000000000 needs \d+ bytes \(\d+ GiB\), more "
+                             r"than this machine's \d+ GiB of memory", "re-export with smaller cache or batch buckets"],
     folder_does_not_exist: ["nowhere does not exist", "check the path", "mindvl export MODEL_DIR -o"],
     model_folder_as_artifacts: ["has no manifest.json", "not a mindvl artifact folder", "mindvl export MODEL_DIR -o"],
     export_into_non_empty_folder: ["out is not empty", "pass --force", "choose another -o folder"],
     export_onto_a_file: [r"out\.txt is a file", "choose another -o folder"],
+    export_force_into_folder_without_manifest: ["out holds no manifest.json this mindvl can read",
+                                                "--force only replaces mindvl artifact folders",
+                                                "choose another -o folder or empty it yourself"],
+    export_force_onto_model_folder: ["model is the model folder: export would replace it", "choose another -o folder"],
+    export_force_onto_model_parent: [r"parent holds the model folder .*parent/model: export would replace it",
+                                     "choose another -o folder"],
+    export_force_onto_symlink: ["link is a symbolic link: export replaces folders, never links",
+                                "choose another -o folder"],
     export_unknown_preset: ["unknown bucket preset 'huge'", "known presets: .*tiny"],
     export_without_preprocessor_config: [r"preprocessor_config\.json is missing", "copy it from the original"],
 }
@@ -298,7 +524,7 @@ def test_bomb_is_refused_from_its_header_without_decoding(built, tmp_path, capsy
     decoded = []
     monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", lambda self: decoded.append(self.size))
     for side in (30000, 8500):
-        code = main(generate(art, "--image", str(png_header_only(tmp_path / f"{side}.png", side, side))))
+        code = main(generate(art, "--image", str(png_file(tmp_path / f"{side}.png", side, side))))
         out, err = capsys.readouterr()
         assert_one_line_error(code, out, err, "too large|more than the", "downscale it")
     assert decoded == [], "pixels were decoded before the size was checked"

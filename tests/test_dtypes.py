@@ -11,11 +11,6 @@ from mindvl.errors import UnsupportedError
 from mindvl.qwen2vl import load
 
 
-@pytest.fixture(scope="module")
-def model_dir(checkpoint):
-    return checkpoint("tiny")
-
-
 @functools.cache
 def inputs(model_dir):
     got = hf_inputs(model_dir, **PROMPTS["image"])

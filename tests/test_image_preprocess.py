@@ -211,3 +211,27 @@ def test_load_image_turns_pil_bomb_checks_into_media_errors(tmp_path, side: int)
     with pytest.raises(MediaError, match="too large") as err:
         load_image(path, max_pixels_decoded=10**12)
     assert_one_line_naming(err, path)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "TIFF", "PPM", "ICO"])
+def test_only_the_accepted_formats_are_decoded_whatever_the_bytes_claim(tmp_path, monkeypatch, fmt: str) -> None:
+    # PIL hands EPS to Ghostscript: its decoder must never be reached, however the file is named or labelled.
+    from PIL import EpsImagePlugin
+
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self))
+    path = tmp_path / "image.png"
+    if fmt == "EPS":
+        path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    else:
+        media.sample_image(16, 16, seed=1).save(path, format=fmt)
+    with pytest.raises(MediaError, match=r"not an image in a format mindvl reads \(PNG, JPEG, WebP, GIF or BMP\)"):
+        load_image(path)
+    assert opened == []
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_the_accepted_formats_decode(tmp_path, fmt: str) -> None:
+    path = tmp_path / f"image.{fmt.lower()}"
+    media.sample_image(16, 24, seed=1).save(path, format=fmt)
+    assert load_image(path).size == (24, 16)

@@ -8,11 +8,6 @@ from reference import hf_inputs
 from mindvl.shapes.processor import Processor
 
 
-@pytest.fixture(scope="module")
-def model_dir(checkpoint):
-    return checkpoint("tiny")
-
-
 @pytest.mark.parametrize("kind", PROMPTS)
 def test_processor_equals_transformers(model_dir, kind):
     expected = hf_inputs(model_dir, **PROMPTS[kind])

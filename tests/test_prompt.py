@@ -32,16 +32,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def model_dir(checkpoint):
-    return checkpoint("tiny")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return Tokenizer.from_dir(model_dir)
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_input_ids_match_transformers_processor(model_dir, tokenizer, case):
     media = CASES[case]

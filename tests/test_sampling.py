@@ -32,6 +32,20 @@ def test_top_k_and_top_p_cut_the_tail():
                                atol=0.015)
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-30])
+def test_a_tiny_temperature_samples_the_most_likely_token_without_overflow(temperature):
+    logits = np.array([1.0, 3.0, 2.9, -5.0], np.float32)
+    with np.errstate(over="raise", invalid="raise"):  # an overflow or a NaN would raise, not warn
+        picks = {next_token(logits, Sampling(temperature=temperature), np.random.default_rng(s)) for s in range(20)}
+    assert picks == {1}
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5])
+def test_invalid_seeds(seed):
+    with pytest.raises(RequestError, match=f"seed={seed} is invalid: use an integer from 0 to"):
+        Sampling(seed=seed)
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)])
 def test_invalid_settings(bad):
     with pytest.raises(RequestError, match="invalid"):

@@ -10,14 +10,10 @@ import pytest
 from media import sample_image, write_sample_video
 from serve_helpers import running_server, user_message
 
-from mindvl.export import export_artifacts
 from mindvl.runtime import Runtime
 from mindvl.runtime.batch import Batch
 from mindvl.runtime.sampling import Sampling
-from mindvl.shapes.buckets import BucketSpec
 
-SPEC = {"images": ["112x112", "224x224"], "videos": [{"frames": 4, "size": "112x112"}], "batch": [1, 4],
-        "prefill": [64, 128, 256], "cache": [256, 512]}
 # (text, images, video file or None, max_new_tokens); the last needs the 512-slot cache, the others fit 256.
 REQUESTS = [
     ("Write a short poem about the sea.", [], None, 12),
@@ -30,11 +26,8 @@ REQUESTS = [
 
 
 @pytest.fixture(scope="module")
-def artifacts(exported, tmp_path_factory):
-    model_dir, _ = exported("tiny")
-    out = tmp_path_factory.mktemp("batch4") / "artifacts"
-    export_artifacts(model_dir, out, BucketSpec.from_dict(SPEC), log=lambda line: None)
-    return out
+def artifacts(batch4):
+    return batch4
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,21 @@
 """Hostile and broken requests to a live `mindvl serve`: each gets the right status and an OpenAI-style JSON error
 whose one-line message names the problem and the fix, and the next normal request is still answered correctly.
 
-The server runs with an API key, a media folder (holding a symlink that points out of it), a 1 MB body limit, a
-2 s request timeout and at most 2 requests in flight.
+The server runs with an API key, a media folder (holding a symlink that points out of it, a text file named like
+a video, and a file larger than the server reads), a 1 MB body limit, a 20 KB media file limit, a 2 s request
+timeout and at most 2 requests in flight. No error message may show a path of the server's disk.
 """
 
-import base64
 import contextlib
+import io
+import json
 import re
 import socket
-import struct
 import time
-import zlib
 
 import httpx
 import pytest
-from media import sample_image
+from media import b64, png_bomb, png_header_only, sample_image
 from serve_helpers import running_server, user_message
 
 from mindvl.runtime import Runtime
@@ -31,13 +31,16 @@ def media(tmp_path_factory):
     (root / "media").mkdir()
     sample_image(112, 112, seed=1).save(root / "outside.png")
     (root / "media" / "escape.png").symlink_to(root / "outside.png")
+    (root / "media" / "notes.mp4").write_text("no frames here")
+    (root / "media" / "huge.png").write_bytes(bytes(40_000))
     return root / "media"
 
 
 @pytest.fixture(scope="module")
 def server(exported, media):
     with running_server(exported("tiny")[1], media.parent, "--media-dir", str(media), "--api-key", KEY,
-                        "--max-body-mb", "1", "--request-timeout", str(TIMEOUT_S), "--max-concurrency", "2") as server:
+                        "--max-body-mb", "1", "--request-timeout", str(TIMEOUT_S), "--max-concurrency", "2",
+                        "--max-media-mb", "0.02") as server:
         yield server
 
 
@@ -47,7 +50,8 @@ def normal_answer(exported):
 
 
 def post(server, body=None, *, content=None, key=KEY, headers=None):
-    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
+               **(headers or {})}
     return httpx.post(f"{server.url}/v1/chat/completions", json=body, content=content, headers=headers, timeout=60)
 
 
@@ -58,22 +62,6 @@ def chat(server, messages=None, **fields):
 def with_image(server, url):
     return chat(server, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                       {"type": "text", "text": "What is it?"}]}])
-
-
-def png_bomb() -> bytes:
-    """A real 8000x8000 1-bit PNG of zeros: 8 KB on the wire, 64 megapixels (192 MB as RGB) once decoded."""
-    side = 8000
-    rows = zlib.compress((b"\x00" + bytes(side // 8)) * side, 9)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
-
-
-def b64(data: bytes, media_type: str = "image/png") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
 
 
 def raw_exchange(server, payload: bytes) -> tuple[int, dict]:
@@ -166,8 +154,87 @@ def video_as_data_url(server, media):
         {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}]))
 
 
-def vision_token_in_text(server, media):
-    return post(server, chat(server, user_message("look: <|vision_start|><|image_pad|><|vision_end|>")))
+def images_beyond_the_prompt_counted_from_headers(server, media):
+    # 8 images of 224x224 are 8 x 64 visual tokens, past the longest prompt (256): refused before decoding, which
+    # would fail on these header-only PNGs.
+    parts = [{"type": "image_url", "image_url": {"url": b64(png_header_only(224, 224))}}] * 8
+    return post(server, chat(server, [{"role": "user", "content": [*parts, {"type": "text", "text": "Compare."}]}]))
+
+
+def too_many_images(server, media):
+    parts = [{"type": "image_url", "image_url": {"url": b64(png_header_only(28, 28))}}] * 17
+    return post(server, chat(server, [{"role": "user", "content": parts}]))
+
+
+def too_many_videos(server, media):
+    return post(server, chat(server, [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "clip.mp4"}}] * 3}]))
+
+
+def too_many_parts(server, media):
+    return post(server, chat(server, [{"role": "user", "content": [{"type": "text", "text": "a"}] * 65}]))
+
+
+def too_much_text(server, media):
+    return post(server, chat(server, user_message("x" * 10_000)))
+
+
+def eps_claiming_to_be_png(server, media):
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n"
+    return post(server, with_image(server, b64(eps)))
+
+
+def tiff_image(server, media):
+    buffer = io.BytesIO()
+    sample_image(28, 28, seed=3).save(buffer, format="TIFF")
+    return post(server, with_image(server, b64(buffer.getvalue())))
+
+
+def media_file_too_large(server, media):
+    return post(server, with_image(server, "huge.png"))
+
+
+def text_file_as_video(server, media):
+    return post(server, chat(server, [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "notes.mp4"}}, {"type": "text", "text": "What happens?"}]}]))
+
+
+def malformed_url(server, media):
+    return post(server, with_image(server, "http://[::1"))
+
+
+def file_name_too_long(server, media):
+    return post(server, with_image(server, "a" * 5000 + ".png"))
+
+
+def lone_surrogate_in_text(server, media):
+    body = json.dumps(chat(server, user_message("Hi."))).replace("Hi.", "Hi \\ud800.")
+    return post(server, content=body.encode())
+
+
+def lone_surrogate_in_file_name(server, media):
+    body = json.dumps(with_image(server, "cat.png")).replace("cat.png", "cat\\udc80.png")
+    return post(server, content=body.encode())
+
+
+def negative_seed(server, media):
+    return post(server, chat(server, seed=-1, temperature=0.7))
+
+
+def seed_beyond_64_bits(server, media):
+    return post(server, chat(server, seed=2**64, temperature=0.7))
+
+
+def top_p_above_one(server, media):
+    return post(server, chat(server, top_p=1.5, temperature=0.7))
+
+
+def too_many_stops(server, media):
+    return post(server, chat(server, stop=["a", "b", "c", "d", "e"]))
+
+
+def stop_too_long(server, media):
+    return post(server, chat(server, stop="ab" * 200_000))
 
 
 def prompt_beyond_every_bucket(server, media):
@@ -211,8 +278,9 @@ def slow_headers(server, media):
 
 
 def slow_body(server, media):
-    return raw_exchange(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                                + KEY.encode() + b"\r\nContent-Length: 500\r\n\r\n{\"model\": ")
+    return raw_exchange(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                                + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                                + b"{\"model\": ")
 
 
 # case -> (status, patterns the error message must contain: the problem, then the fix)
@@ -222,14 +290,14 @@ HOSTILE = {
     wrong_type: (422, [r'^max_tokens: Input should be a valid integer, got "5"$']),
     content_of_wrong_type: (422, [r"^messages\[0\]\.content: Input should be a valid string, got 5$"]),
     missing_messages: (422, ["^messages: Field required$"]),
-    zero_max_tokens: (422, ["^max_tokens: Input should be greater than or equal to 1, got 0$"]),
+    zero_max_tokens: (400, ["^max_tokens: Input should be greater than or equal to 1, got 0$"]),
     huge_body: (413, [r"is 2097152 bytes, more than the 1048576 allowed \(--max-body-mb\)", "send smaller"]),
     huge_chunked_body: (413, [r"is over \d+ bytes, more than the 1048576 allowed", "send smaller"]),
     invalid_base64: (400, [r"messages\[0\]\.content\[0\]: the data: URL's payload is not valid base64",
                            "encode the file's bytes with standard base64"]),
     png_bomb_image: (413, [r"image is 8000x8000 = 64000000 pixels, more than the 16777216 allowed", "downscale it"]),
-    not_an_image: (400, [r"messages\[0\]\.content\[0\]: not an image PIL can read",
-                         "convert it to PNG or JPEG"]),
+    not_an_image: (400, [r"messages\[0\]\.content\[0\]: not an image in a format mindvl reads "
+                         r"\(PNG, JPEG, WebP, GIF or BMP\)", "convert it to PNG or JPEG"]),
     unsupported_media_type: (400, ["unsupported media type 'text/html' in a data: URL", "send one of image/png"]),
     path_traversal: (400, [r"'\.\./\.\./etc/passwd' is not a plain relative file name", "without '\\.\\.'"]),
     absolute_path: (400, ["'/etc/passwd' is not a plain relative file name", "name a file inside the media folder"]),
@@ -238,7 +306,28 @@ HOSTILE = {
     remote_url: (400, ["remote media URLs are refused", "--allow-remote-media", "send the image as a data: URL"]),
     file_url: (400, ["file: URLs are not served", "send a data: URL or a file name inside"]),
     video_as_data_url: (400, ["a video is taken by its file name inside the server's --media-dir, not as a URL"]),
-    vision_token_in_text: (400, [r"<\|image_pad\|> placeholders but 0 grids", r"keep <\|image_pad\|> out of the text"]),
+    images_beyond_the_prompt_counted_from_headers: (400, [r"the prompt is \d+ tokens, longer than this server's "
+                                                          r"longest prompt \(256", "send fewer or smaller images"]),
+    too_many_images: (400, ["the request has 17 images, more than the 16 this server takes per request "
+                            r"\(--max-images\); send fewer"]),
+    too_many_videos: (400, [r"3 videos, more than the 2 .* \(--max-videos\)"]),
+    too_many_parts: (400, [r"65 content parts, more than the 64 .* \(--max-parts\)"]),
+    too_much_text: (400, [r"10\d\d\d characters of text, more than the 8192 .* \(--max-text-chars\)"]),
+    eps_claiming_to_be_png: (400, ["not an image in a format mindvl reads", "convert it to PNG or JPEG"]),
+    tiff_image: (400, ["not an image in a format mindvl reads", "convert it to PNG or JPEG"]),
+    media_file_too_large: (413, [r"'huge\.png' is 40000 bytes, more than the 20971 this server reads "
+                                 r"\(--max-media-mb\)", "send a smaller file"]),
+    text_file_as_video: (400, [r"messages\[0\]\.content\[0\]: notes\.mp4: not a video", "convert it to MP4"]),
+    malformed_url: (400, [r"messages\[0\]\.content\[0\]: malformed URL", "send a data: URL"]),
+    file_name_too_long: (400, [r"cannot name a file here \(File name too long\)", "check the name"]),
+    lone_surrogate_in_text: (400, [r"messages\[0\]\.content\[0\]\.text: not valid Unicode text \(a lone "
+                                   r"surrogate at character 3\)", "send UTF-8 text"]),
+    lone_surrogate_in_file_name: (400, [r"image_url\.url: not valid Unicode text", "send UTF-8 text"]),
+    negative_seed: (400, ["^seed: Input should be greater than or equal to 0, got -1$"]),
+    seed_beyond_64_bits: (400, ["^seed: Input should be less than or equal to 18446744073709551615"]),
+    top_p_above_one: (400, ["^top_p: Input should be less than or equal to 1, got 1.5$"]),
+    too_many_stops: (400, ["^stop: 5 stop strings; send at most 4$"]),
+    stop_too_long: (400, ["^stop: String should have at most 256 characters"]),
     prompt_beyond_every_bucket: (400, [r"the prompt is \d+ tokens, longer than this server's longest prompt \(256",
                                        "shorten it"]),
     max_tokens_beyond_the_cache: (400, [r"max_tokens \(1000\) is more than this server's largest KV cache \(512",
@@ -270,6 +359,7 @@ def test_hostile_request_gets_its_status_and_a_one_line_error(server, media, nor
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
     message = body["error"]["message"]
     assert "\n" not in message and "Traceback" not in message
+    assert str(media.parent) not in message and str(media.resolve().parent) not in message, "a path of the server"
     for pattern in patterns:
         assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
     assert_served_normally(server, normal_answer)
@@ -302,7 +392,7 @@ def test_client_leaving_before_a_plain_answer_stops_its_generation(server, norma
     cancelled = server.metric("mindvl_cancelled_total")
     body = httpx.Request("POST", "http://x", json=chat(server, max_tokens=440)).content
     with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (KEY.encode(), len(body), body))
         wait_for(lambda: server.metric("mindvl_running_sequences") == 1)
     wait_for(lambda: dropped(server, cancelled))

@@ -27,7 +27,7 @@ CHILD = r"""
 import json, resource, sys, time
 start = time.perf_counter()
 from mindvl.runtime import Runtime
-from mindvl.samples import sample_image
+from mindvl.testing.media import sample_image
 rt = Runtime.load(sys.argv[1])
 loaded = time.perf_counter()
 if sys.argv[2] == "first-token":
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="cold starts measured per artifact folder")
     args = parser.parse_args()
 
-    from mindvl.fixtures import write_checkpoint
+    from mindvl.testing.checkpoints import write_checkpoint
     from mindvl.shapes.manifest import Manifest
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mindvl-footprint-"))
@@ -84,7 +84,7 @@ def main() -> None:
     # Each export in its own process, so this one's memory never adds to what the measured children use.
     for out, spec in ((many, ["--preset", "bench-2b"]), (one, ["--buckets", str(work / "one-bucket.yaml")])):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "mindvl.cli", "export", str(model), "-o", str(out), "--force", *spec],
+        subprocess.run([sys.executable, "-m", "mindvl", "export", str(model), "-o", str(out), "--force", *spec],
                        check=True)
         export_s[out] = time.perf_counter() - start
 

@@ -30,7 +30,7 @@ def options(name: str) -> list[str]:
 
 def bench(name: str, model: Path, work: Path) -> None:
     print(f"$ mindvl bench {model} {' '.join(options(name))}", flush=True)
-    subprocess.run([sys.executable, "-m", "mindvl.cli", "bench", str(model), *options(name), "--workdir",
+    subprocess.run([sys.executable, "-m", "mindvl", "bench", str(model), *options(name), "--workdir",
                     str(work / name)], check=True, cwd=ROOT)
 
 
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/mindvl-bench")
     args = parser.parse_args()
 
-    from mindvl.fixtures import write_checkpoint
+    from mindvl.testing.checkpoints import write_checkpoint
 
     work = Path(args.workdir)
     RESULTS.mkdir(parents=True, exist_ok=True)

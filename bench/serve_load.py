@@ -49,7 +49,7 @@ def main() -> None:
     kinds = workload(args.max_tokens)
     port = free_port()
     with open(work / "serve.log", "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "mindvl.cli", "serve", str(artifacts), "--port", str(port),
+        server = subprocess.Popen([sys.executable, "-m", "mindvl", "serve", str(artifacts), "--port", str(port),
                                    "--max-concurrency", str(max(64, args.concurrency))], stdout=log, stderr=log,
                                   env={**os.environ, "GLOG_v": "3"})
     url = f"http://127.0.0.1:{port}"
@@ -89,18 +89,18 @@ def main() -> None:
 
 
 def export_tiny(work: Path, batch: str) -> Path:
-    from mindvl.fixtures import write_checkpoint
+    from mindvl.testing.checkpoints import write_checkpoint
 
     model = write_checkpoint(work / "model", "tiny")
     (work / "buckets.yaml").write_text(SPEC.format(batch=batch))
-    subprocess.run([sys.executable, "-m", "mindvl.cli", "export", str(model), "-o", str(work / "artifacts"),
+    subprocess.run([sys.executable, "-m", "mindvl", "export", str(model), "-o", str(work / "artifacts"),
                     "--buckets", str(work / "buckets.yaml")], check=True, env={**os.environ, "GLOG_v": "3"})
     return work / "artifacts"
 
 
 def workload(max_tokens: int) -> list[dict]:
     """Four kinds of request: two texts, one image, two images."""
-    from mindvl.samples import sample_image
+    from mindvl.testing.media import sample_image
 
     def image(h: int, w: int, seed: int) -> dict:
         buffer = io.BytesIO()

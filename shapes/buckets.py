@@ -1,6 +1,6 @@
 """Bucket specs (the static shapes an artifact is exported at) and which bucket an input takes.
 
-A spec is YAML (format in DESIGN.md); named presets ship in `presets/NAME.yaml`.
+A spec is YAML (keys in README.md, "Buckets"); named presets ship in `presets/NAME.yaml`.
 
 Image rule, for an image of h x w pixels (H x W everywhere):
   (1) the deployment's pixel ceiling is min(max_pixels, largest bucket's pixels);

@@ -10,7 +10,7 @@ os.environ.setdefault("GLOG_v", "3")
 def checkpoint(tmp_path_factory):
     """`checkpoint(preset_name)`: the tiny-family checkpoint of that name, written once per session. Tests must
     not modify it (copy it first)."""
-    from mindvl.fixtures import write_checkpoint
+    from mindvl.testing.checkpoints import write_checkpoint
 
     made = {}
 

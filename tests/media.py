@@ -9,7 +9,7 @@ from pathlib import Path
 
 import av
 
-from mindvl.samples import sample_image, video_frames, write_sample_video
+from mindvl.testing.media import sample_image, video_frames, write_sample_video
 
 __all__ = ["PROMPTS", "b64", "png_bomb", "png_header_only", "sample_image", "video_frames", "write_sample_video",
            "write_empty_video"]

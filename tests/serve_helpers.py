@@ -56,7 +56,7 @@ def running_server(artifacts: Path, log_dir: Path, *flags: str) -> Iterator[Serv
     log = log_dir / f"serve-{port}.log"
     env = {k: v for k, v in os.environ.items() if k != "MINDVL_API_KEY"}
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "mindvl.cli", "serve", str(artifacts), "--port", str(port),
+        process = subprocess.Popen([sys.executable, "-m", "mindvl", "serve", str(artifacts), "--port", str(port),
                                     *flags], stdout=out, stderr=subprocess.STDOUT, env={**env, "GLOG_v": "3"})
     key = flags[flags.index("--api-key") + 1] if "--api-key" in flags else None
     server = Server(f"http://127.0.0.1:{port}", port, process, log, Path(artifacts).resolve().name,

@@ -22,7 +22,7 @@ import PIL.ImageFile
 import pytest
 from media import png_header_only, sample_image, write_sample_video
 
-from mindvl.cli import main
+from mindvl.apps.cli import main
 from mindvl.shapes.manifest import file_sha256
 
 
@@ -535,7 +535,7 @@ def test_killed_export_leaves_no_folder_that_looks_complete(built, tmp_path, cap
     into the same folder removes what the killed one left."""
     model, _ = built
     out = tmp_path / "out"
-    export = subprocess.Popen([sys.executable, "-m", "mindvl.cli", "export", str(model), "-o", str(out),
+    export = subprocess.Popen([sys.executable, "-m", "mindvl", "export", str(model), "-o", str(out),
                                "--preset", "tiny"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

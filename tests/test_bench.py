@@ -5,9 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mindvl.benchmark import decode_bytes
-from mindvl.cli import main
-from mindvl.shapes.config import PRESETS, ModelConfig
+from mindvl.bench.benchmark import decode_bytes
+from mindvl.apps.cli import main
+from mindvl.shapes.config import ModelConfig
+from mindvl.testing.architectures import HUB_CONFIGS
 from mindvl.shapes.manifest import Manifest
 
 KEYS = {"mode", "load_s", "cold_start_s", "warmup_s", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_p50",
@@ -15,7 +16,7 @@ KEYS = {"mode", "load_s", "cold_start_s", "warmup_s", "vision_ms", "prefill_ms",
 
 
 def test_decode_bytes_of_the_2b_shapes():
-    cfg = ModelConfig.from_hf(PRESETS["2B"])
+    cfg = ModelConfig.from_hf(HUB_CONFIGS["2B"])
     # Per layer: q 1536x1536, k and v 256x1536 each, o 1536x1536, gate/up/down 3 x 1536x8960, two norms of 1536.
     layer = 1536 * 1536 + 2 * 256 * 1536 + 1536 * 1536 + 3 * 1536 * 8960 + 2 * 1536
     weights = 28 * layer + 151936 * 1536 + 1536  # + the (tied) LM head and the final norm
@@ -66,7 +67,7 @@ def test_op_profile_accounts_for_a_graph_op_by_op(exported):
 
 
 def test_modes_run_one_after_another_when_their_weights_do_not_fit_together(exported, tmp_path, monkeypatch):
-    from mindvl import benchmark
+    from mindvl.bench import benchmark
 
     assert benchmark.interleave(4, 10**6) and not benchmark.interleave(4, 10**13)
     monkeypatch.setattr(benchmark, "interleave", lambda workers, weight_bytes: False)

@@ -9,9 +9,9 @@ import pytest
 from media import sample_image, write_empty_video
 from safetensors.numpy import load_file, save_file
 
-from mindvl.cli import main
+from mindvl.apps.cli import main
 from mindvl.errors import MindVLError
-from mindvl.fixtures import write_checkpoint
+from mindvl.testing.checkpoints import write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def tiny(checkpoint):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "mindvl.cli", "demo", "--cache-dir", str(tmp_path),
+    run = subprocess.run([sys.executable, "-m", "mindvl", "demo", "--cache-dir", str(tmp_path),
                           "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("runtime   prefill") == 2 and run.stdout.count("pynative  prefill") == 2

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from mindvl.errors import CheckpointError, UnsupportedError
-from mindvl.shapes.config import PRESETS, ModelConfig, read_config
+from mindvl.shapes.config import ModelConfig, read_config
+from mindvl.testing.architectures import HUB_CONFIGS
 
 
 def nested_layout(hub: dict) -> dict:
@@ -23,15 +24,15 @@ def nested_layout(hub: dict) -> dict:
                                    "vision_end_token_id", "eos_token_id")}}
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
 def test_both_layouts_give_the_same_config(name):
-    hub = ModelConfig.from_hf(PRESETS[name])
-    assert ModelConfig.from_hf(nested_layout(PRESETS[name])) == hub
+    hub = ModelConfig.from_hf(HUB_CONFIGS[name])
+    assert ModelConfig.from_hf(nested_layout(HUB_CONFIGS[name])) == hub
     assert ModelConfig.from_hf(hub.to_dict()) == hub
 
 
 def test_published_shapes():
-    two_b, seven_b, big = (ModelConfig.from_hf(PRESETS[n]) for n in ("2B", "7B", "72B"))
+    two_b, seven_b, big = (ModelConfig.from_hf(HUB_CONFIGS[n]) for n in ("2B", "7B", "72B"))
     assert (two_b.text.head_dim, two_b.text.kv_groups, two_b.text.tie_word_embeddings) == (128, 6, True)
     assert (seven_b.text.hidden_size, seven_b.text.kv_groups, seven_b.text.tie_word_embeddings) == (3584, 7, False)
     assert (big.text.num_hidden_layers, big.vision.hidden_size) == (80, 8192)
@@ -41,11 +42,11 @@ def test_published_shapes():
 
 def test_unsupported_model_type_is_refused():
     with pytest.raises(UnsupportedError, match="qwen2_5_vl.*Qwen2-VL"):
-        ModelConfig.from_hf({**PRESETS["2B"], "model_type": "qwen2_5_vl"})
+        ModelConfig.from_hf({**HUB_CONFIGS["2B"], "model_type": "qwen2_5_vl"})
 
 
 def test_mrope_sections_must_cover_the_head():
-    bad = {**PRESETS["2B"], "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 16]}}
+    bad = {**HUB_CONFIGS["2B"], "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 16]}}
     with pytest.raises(CheckpointError, match="mrope_section .* head_dim/2 = 64"):
         ModelConfig.from_hf(bad)
 
@@ -56,5 +57,5 @@ def test_read_config_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
         read_config(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(PRESETS["7B"]))
+    (tmp_path / "config.json").write_text(json.dumps(HUB_CONFIGS["7B"]))
     assert read_config(tmp_path).text.hidden_size == 3584

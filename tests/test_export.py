@@ -5,7 +5,7 @@ import json
 import numpy as np
 from safetensors.numpy import load_file
 
-from mindvl.cli import main
+from mindvl.apps.cli import main
 from mindvl.shapes.buckets import BucketSpec
 from mindvl.shapes.config import read_config
 from mindvl.shapes.graphs import GraphSpec, all_graphs

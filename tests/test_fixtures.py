@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
 from mindvl.errors import CheckpointError
-from mindvl.fixtures import SPECIAL_TOKENS, write_checkpoint
+from mindvl.testing.checkpoints import SPECIAL_TOKENS, write_checkpoint
 
 TINY = ("tiny", "tiny-gqa3")
 
@@ -44,7 +44,7 @@ def tiny_dir(request, checkpoint):
 def test_same_seed_same_bytes_and_reuse(tmp_path):
     a = write_checkpoint(tmp_path / "a", "tiny", seed=3)
     b = tmp_path / "b"  # written by another process: no per-process hash seeds may leak into the bytes
-    script = f"from mindvl.fixtures import write_checkpoint; write_checkpoint({str(b)!r}, 'tiny', seed=3)"
+    script = f"from mindvl.testing.checkpoints import write_checkpoint; write_checkpoint({str(b)!r}, 'tiny', seed=3)"
     subprocess.run([sys.executable, "-c", script], check=True)
     files = sorted(p.name for p in a.iterdir())
     assert files == sorted(p.name for p in b.iterdir())

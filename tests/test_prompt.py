@@ -9,7 +9,7 @@ from reference import hf_inputs
 from transformers import AutoTokenizer
 
 from mindvl.errors import CheckpointError, MediaError
-from mindvl.fixtures import SPECIAL_TOKENS
+from mindvl.testing.checkpoints import SPECIAL_TOKENS
 from mindvl.shapes.prompt import Tokenizer, build_prompt, expand_vision_pads
 
 TEXT = "Héllo  wörld!\n\n  日本語 🙂 What's in 3 pictures?"

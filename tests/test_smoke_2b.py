@@ -3,7 +3,7 @@
 import numpy as np
 from media import sample_image
 
-from mindvl.fixtures import write_checkpoint
+from mindvl.testing.checkpoints import write_checkpoint
 from mindvl.qwen2vl import load
 from mindvl.shapes.image import ProcessorConfig, preprocess_images
 

@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from mindvl.errors import CheckpointError
-from mindvl.shapes.config import ARCHITECTURES, hub_config
+from mindvl.testing.architectures import FIXTURES, hub_config
 
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -55,24 +55,6 @@ _SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-
-# Architecture keys of config.json (`hub_config` adds the rest). Tiny vocab sizes differ between presets so that
-# code which hard-codes one fails loudly; each is the exact tokenizer size, so every id decodes.
-PRESETS: dict[str, dict] = {
-    "tiny": {
-        "vocab_size": 320, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "intermediate_size": 128, "num_hidden_layers": 2, "rope_theta": 1000000.0,
-        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "tie_word_embeddings": False,
-        "vision_config": {"depth": 2, "embed_dim": 32, "num_heads": 2, "hidden_size": 64},
-    },
-    "tiny-gqa3": {
-        "vocab_size": 400, "hidden_size": 96, "num_attention_heads": 3, "num_key_value_heads": 1,
-        "intermediate_size": 160, "num_hidden_layers": 2, "rope_theta": 10000.0,
-        "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}, "tie_word_embeddings": True,
-        "vision_config": {"depth": 2, "embed_dim": 48, "num_heads": 3, "hidden_size": 96},
-    },
-    "2b-shapes": ARCHITECTURES["2B"],
-}  # fmt: skip
 
 # Where the 2B's special tokens sit; tiny presets put them at the top of their vocabulary instead.
 _QWEN2_REGULAR_VOCAB = 151643
@@ -116,8 +98,8 @@ def write_checkpoint(
     Byte-identical for the same arguments. Written into a temporary sibling folder and renamed into place,
     so `out_dir` is either absent, empty, or a complete checkpoint.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown fixture preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if preset not in FIXTURES:
+        raise ValueError(f"unknown fixture preset {preset!r}; choose one of {sorted(FIXTURES)}")
     out = Path(out_dir)
     config = _config(preset, num_hidden_layers, vision_depth)
     specs = _weight_specs(config)
@@ -153,7 +135,7 @@ def write_checkpoint(
 
 
 def _config(preset: str, num_hidden_layers: int | None, vision_depth: int | None) -> dict:
-    arch = json.loads(json.dumps(PRESETS[preset]))  # deep copy
+    arch = json.loads(json.dumps(FIXTURES[preset]))  # deep copy
     if num_hidden_layers is not None:
         arch["num_hidden_layers"] = num_hidden_layers
     if vision_depth is not None:

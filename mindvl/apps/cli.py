@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from mindvl.benchmark import format_table, plot, run_bench
+    from mindvl.bench.benchmark import format_table, plot, run_bench
     from mindvl.shapes.buckets import BucketSpec
 
     spec = BucketSpec.from_yaml(args.buckets) if args.buckets else BucketSpec.preset(args.preset) if args.preset else None
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "demo":
-            from mindvl.demo import run_demo
+            from mindvl.apps.demo import run_demo
 
             run_demo(model_dir=args.model, prompt=args.prompt, images=args.image, videos=args.video,
                      preset=args.preset, cache_dir=args.cache_dir, max_new_tokens=args.max_new_tokens,
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             _export(args)
         elif args.command == "inspect":
-            from mindvl.inspection import inspect_artifacts
+            from mindvl.runtime.inspection import inspect_artifacts
 
             print(inspect_artifacts(args.artifacts, verify=args.verify))
         elif args.command == "generate":

@@ -1,6 +1,6 @@
 """`mindvl bench`: runtime (exported MindIR), graph (cells under jit), pynative and transformers, side by side.
 
-Each mode runs in its own worker process (`mindvl.bench_worker`), loaded once; the workers are then asked for
+Each mode runs in its own worker process (`mindvl.bench.worker`), loaded once; the workers are then asked for
 one generation each in turn, `repeats` times, so every ratio comes from one run on one machine (when the
 workers' weights cannot all stay in memory at once, the modes run one after another instead). Alongside:
 the machine's memory read bandwidth (numpy, both cores) and the decode roofline, the bytes one decode step
@@ -98,7 +98,7 @@ class Worker:
         # Its log goes to a file: a pipe read only on failure would fill up and stall a chatty worker.
         self.log = setup_file.parent / f"{mode}.log"
         with self.log.open("w") as log_file:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mindvl.bench_worker", mode, str(setup_file)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "mindvl.bench.worker", mode, str(setup_file)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, text=True,
                                          env={**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")})
         self.ready = self._reply()
@@ -169,7 +169,7 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
               model: str | Path | None = None, workdir: str | Path | None = None,
               device: str | None = None) -> dict[str, Any]:
     """Measure every mode on one workload; returns the report `--json` writes."""
-    from mindvl.samples import sample_image
+    from mindvl.testing.media import sample_image
 
     target = Path(target)
     work = Path(workdir or tempfile.mkdtemp(prefix="mindvl-bench-"))
@@ -205,7 +205,7 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
         (work / "buckets.yaml").write_text(json.dumps(spec.to_dict()))
         log(f"exporting {model_dir} → {artifacts} (buckets: {spec.to_dict()})")
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "mindvl.cli", "export", str(model_dir), "-o", str(artifacts),
+        subprocess.run([sys.executable, "-m", "mindvl", "export", str(model_dir), "-o", str(artifacts),
                         "--buckets", str(work / "buckets.yaml"), "--dtype", dtype, "--force"], check=True,
                        stderr=subprocess.DEVNULL)
         export_s = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """One `mindvl bench` mode in its own process, so each mode's memory and cold start are its own.
 
-    python -m mindvl.bench_worker MODE SETUP.json        MODE: runtime | graph | pynative | transformers
+    python -m mindvl.bench.worker MODE SETUP.json        MODE: runtime | graph | pynative | transformers
 
 Prints one JSON line when ready (cold start: process start → model loaded → first token), then answers
 each "run" line on stdin with one JSON line of timings, and "stats" with its peak resident memory.

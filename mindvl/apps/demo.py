@@ -15,8 +15,8 @@ from pathlib import Path
 from statistics import median
 
 from mindvl import __version__
-from mindvl.fixtures import write_checkpoint
-from mindvl.samples import sample_image, write_sample_video
+from mindvl.testing.checkpoints import write_checkpoint
+from mindvl.testing.media import sample_image, write_sample_video
 from mindvl.shapes.buckets import BucketSpec
 
 

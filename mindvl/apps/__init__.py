@@ -1,0 +1,1 @@
+"""The applications over the library: the `mindvl` command line and its demo."""

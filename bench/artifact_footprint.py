@@ -39,11 +39,8 @@ else:
     m = rt.artifacts.manifest
     for g in m.graphs:
         rt.artifacts.graph(g)
-    cache_bytes = 0
-    for batch in m.buckets["batch"]:
-        for capacity in m.buckets["cache"]:
-            caches = rt.artifacts.caches(batch, capacity)
-            cache_bytes += sum(c.nbytes for c in caches)
+    caches = {id(c): c for g in m.graphs if g.caches for c in rt.artifacts.caches(g)}  # one per (batch, cache)
+    cache_bytes = sum(c.nbytes for c in caches.values())
     rss = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS"))) * 1024
     print(json.dumps({"rss_bytes": rss, "cache_bytes": cache_bytes, "graphs_loaded": len(m.graphs),
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
@@ -71,8 +68,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="cold starts measured per artifact folder")
     args = parser.parse_args()
 
-    from mindvl.testing.checkpoints import write_checkpoint
     from mindvl.shapes.manifest import Manifest
+    from mindvl.testing.checkpoints import write_checkpoint
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mindvl-footprint-"))
     start = time.perf_counter()

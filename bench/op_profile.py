@@ -100,8 +100,8 @@ def main() -> None:
     for r in sorted(ops, key=lambda r: -float(r["op_avg_time(ms)"]))[:args.top]:
         calls = int(r["op_occurrences"]) // runs
         share = float(r["op_total_time(ms)"]) / runs / total
-        print(f"| {r['op_name']} ({calls} per run) | {shapes.get(r['op_name'], '')} | {float(r['op_avg_time(ms)']):.2f} | "
-              f"{share:.1%} |")
+        print(f"| {r['op_name']} ({calls} per run) | {shapes.get(r['op_name'], '')} | "
+              f"{float(r['op_avg_time(ms)']):.2f} | {share:.1%} |")
 
 
 if __name__ == "__main__":

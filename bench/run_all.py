@@ -40,7 +40,8 @@ def table(report: dict) -> list[str]:
     for r in report["results"]:
         setup = r.get("export_s") or r["warmup_s"]
         rows.append(f"| {r['mode']} | {setup:.1f} | {r['cold_start_s']:.2f} | {r['vision_ms']:.1f} | "
-                    f"{r['prefill_ms']:.1f} | {r['ttft_ms']:.1f} | {r['decode_ms_p50']:.2f} / {r['decode_ms_p90']:.2f} | "
+                    f"{r['prefill_ms']:.1f} | {r['ttft_ms']:.1f} | "
+                    f"{r['decode_ms_p50']:.2f} / {r['decode_ms_p90']:.2f} | "
                     f"{r['tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['decode_vs_roofline']:.2f} |")
     return rows
 
@@ -57,11 +58,12 @@ def targets(report: dict, big: bool) -> list[str]:
     if big:
         check("runtime decode / roofline", rt["decode_vs_roofline"], 1.3)
         if "transformers" in by:
-            check("runtime decode / transformers decode", rt["decode_ms_p50"] / by["transformers"]["decode_ms_p50"], 0.7)
+            check("runtime decode / transformers decode",
+                  rt["decode_ms_p50"] / by["transformers"]["decode_ms_p50"], 0.7)
             check("runtime TTFT / transformers TTFT", rt["ttft_ms"] / by["transformers"]["ttft_ms"], 1.0)
     if "pynative" in by:
-        check("pynative decode / runtime decode", by["pynative"]["decode_ms_p50"] / rt["decode_ms_p50"], 3 if big else 10,
-              below=False)
+        check("pynative decode / runtime decode", by["pynative"]["decode_ms_p50"] / rt["decode_ms_p50"],
+              3 if big else 10, below=False)
     return checks
 
 
@@ -107,7 +109,10 @@ def refresh() -> None:
     text = path.read_text()
     start, end = text.find(BEGIN), text.find(END)
     section = "\n".join(lines)
-    text = text[:start] + section + text[end + len(END):] if start >= 0 and end > start else text + "\n" + section + "\n"
+    if start >= 0 and end > start:
+        text = text[:start] + section + text[end + len(END):]
+    else:
+        text = text + "\n" + section + "\n"
     path.write_text(text)
     print(f"refreshed {path}")
 

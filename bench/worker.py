@@ -28,8 +28,8 @@ def _runtime(setup: dict) -> Callable[[], dict]:
     def run(new_tokens: int) -> dict:
         out = rt.generate(setup["prompt"], images=setup["images"], max_new_tokens=new_tokens)
         t = out.timings
-        return {"vision_ms": t["vision"], "prefill_ms": t["prefill"], "ttft_ms": t["preprocess"] + t["vision"] + t["prefill"],
-                "decode_ms": out.decode_steps_ms}
+        return {"vision_ms": t["vision"], "prefill_ms": t["prefill"],
+                "ttft_ms": t["preprocess"] + t["vision"] + t["prefill"], "decode_ms": out.decode_steps_ms}
 
     return run
 
@@ -88,7 +88,7 @@ def _transformers(setup: dict) -> Callable[[], dict]:
         vision_span.clear()
         model.generate(**tensors, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        stopping_criteria=[clock], temperature=None, top_p=None, top_k=None)
-        steps = [(b - a) * 1e3 for a, b in zip(clock.stamps, clock.stamps[1:])]
+        steps = [(b - a) * 1e3 for a, b in zip(clock.stamps[:-1], clock.stamps[1:], strict=True)]
         vision_ms = (vision_span[1] - vision_span[0]) * 1e3
         first = (clock.stamps[0] - preprocess_done) * 1e3
         return {"vision_ms": vision_ms, "prefill_ms": first - vision_ms,

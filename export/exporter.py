@@ -24,11 +24,12 @@ from mindvl.device import to_tensor, zeros
 from mindvl.errors import ArtifactError, ExportError
 from mindvl.qwen2vl.text import TextStep
 from mindvl.qwen2vl.vision import VisionEncoder
-from mindvl.qwen2vl.weights import load_weights, text_weight_names, vision_weight_names
+from mindvl.qwen2vl.weights import load_weights
 from mindvl.shapes.buckets import BucketSpec
 from mindvl.shapes.config import ModelConfig, read_config
 from mindvl.shapes.graphs import GraphSpec, all_graphs
 from mindvl.shapes.manifest import MANIFEST, Manifest, file_sha256
+from mindvl.shapes.weights import Weight, aliases, manifest_weights, stored_weights, weight_groups
 from mindvl.tensorfile import write_safetensors
 
 # Files of the model folder the runtime's preprocessing and detokenisation read.
@@ -46,6 +47,15 @@ def _export_graph(cfg: ModelConfig, graph: GraphSpec, weights: dict[str, tuple[m
     inputs = [zeros(t.shape, t.dtype) for t in graph.inputs + graph.caches]  # export needs shapes and dtypes only
     ms.export(cell, *inputs, *weights[graph.weights], file_name=str(folder / graph.file.removesuffix(".mindir")),
               file_format="MINDIR")
+
+
+def _checked(declared: Weight, tensor: ms.Tensor, dtype: str) -> ms.Tensor:
+    """`tensor`, once it is what the manifest will say the graphs take in its place."""
+    shape, found = tuple(tensor.shape), str(tensor.dtype).lower()
+    if (shape, found) != (declared.shape, dtype):
+        raise ExportError(f"weight {declared.name} is {list(shape)} {found}, but the model config declares "
+                          f"{list(declared.shape)} {dtype}; check that the checkpoint matches its config.json")
+    return tensor
 
 
 def _check_target(out: Path, model_dir: Path, force: bool) -> None:
@@ -137,12 +147,12 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
     cfg = read_config(model_dir)
     start = time.perf_counter()
     arrays = load_weights(model_dir, cfg)
-    groups = {"vision": vision_weight_names(cfg), "text": text_weight_names(cfg)}
-    aliases = {"text.lm_head.weight": "text.embed.weight"} if cfg.text.tie_word_embeddings else {}
+    groups, tied = weight_groups(cfg), aliases(cfg.text)
     # Device tensors only for what a graph takes (an untied embedding table stays host-side, as in the runtime).
-    used = {aliases.get(n, n) for names in groups.values() for n in names}
+    used = {tied.get(w.name, w.name) for group in groups.values() for w in group}
     tensors = {name: to_tensor(arrays[name], dtype) for name in used}
-    weights = {group: tuple(tensors[aliases.get(n, n)] for n in names) for group, names in groups.items()}
+    weights = {name: tuple(_checked(w, tensors[tied.get(w.name, w.name)], dtype) for w in group)
+               for name, group in groups.items()}
     log(f"loaded {len(arrays)} tensors from {model_dir} in {time.perf_counter() - start:.1f} s")
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +163,7 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
         (tmp / "graphs").mkdir()
         (tmp / "tokenizer").mkdir()
         weights_sha256 = write_safetensors(tmp / "weights.safetensors",
-                                           {n: a for n, a in arrays.items() if n not in aliases}, dtype)
+                                           {w.name: arrays[w.name] for w in stored_weights(cfg)}, dtype)
         graphs = all_graphs(cfg, buckets, dtype)
         for i, graph in enumerate(graphs, 1):
             begin = time.perf_counter()
@@ -170,7 +180,7 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
         manifest = Manifest(
             mindvl_version=__version__, mindspore_version=ms.__version__, model=cfg.to_dict(), dtype=dtype,
             buckets={**buckets.to_dict(), "dtype": dtype}, graphs=tuple(graphs),
-            weights={"file": "weights.safetensors", "groups": groups, "aliases": aliases, "embed": "text.embed.weight"},
+            weights={"file": "weights.safetensors", **manifest_weights(cfg, dtype)},
             files=files)
         manifest.write(tmp)
         _set_file_modes(tmp, tmp / "weights.safetensors")

@@ -69,7 +69,7 @@ def _header_problem(header: Any, data_size: int) -> str | None:
                     f"{offsets}")
         spans.append((offsets[0], offsets[1], name))
     spans.sort()
-    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+    for (_, end, first), (begin, _, second) in zip(spans[:-1], spans[1:], strict=True):
         if begin < end:
             return f"tensors {first!r} and {second!r} overlap"
     return None

@@ -17,15 +17,16 @@ from mindspore import Tensor
 
 from mindvl.device import host_dtype, refuse_bfloat16_on_cpu, select_device, to_tensor, zeros
 from mindvl.errors import UnsupportedError
-from mindvl.shapes.config import ModelConfig, read_config
 from mindvl.qwen2vl.text import TextStep
 from mindvl.qwen2vl.vision import VisionEncoder
-from mindvl.qwen2vl.weights import load_weights, text_weight_names, vision_weight_names
+from mindvl.qwen2vl.weights import load_weights
 from mindvl.shapes.buckets import DTYPES
+from mindvl.shapes.config import ModelConfig, read_config
 from mindvl.shapes.graphs import kv_cache_specs
 from mindvl.shapes.rope_index import decode_position_ids, rope_index
 from mindvl.shapes.text_inputs import attention_mask, place_visual
 from mindvl.shapes.vision_inputs import vision_rotary
+from mindvl.shapes.weights import aliases, text_embed, weight_groups
 
 MODES = ("graph", "pynative")
 
@@ -47,15 +48,16 @@ class Qwen2VL:
         ms.set_context(mode=ms.PYNATIVE_MODE)
         # bfloat16 has no numpy type: the host keeps float32 copies and the device tensors are bfloat16.
         self.np_dtype = host_dtype(dtype)
-        self.embed = np.ascontiguousarray(weights["text.embed.weight"], dtype=self.np_dtype)
+        self.embed = np.ascontiguousarray(weights[text_embed(cfg.text).weight.name], dtype=self.np_dtype)
+        tied = aliases(cfg.text)
 
         def device_tensor(name: str) -> Tensor:
             # Tied: the LM head is the host embedding table itself (to_tensor shares its memory).
-            tied = name == "text.lm_head.weight" and cfg.text.tie_word_embeddings
-            return to_tensor(self.embed if tied else weights[name], dtype)
+            return to_tensor(self.embed if name in tied else weights[name], dtype)
 
-        self.vision_weights = tuple(device_tensor(n) for n in vision_weight_names(cfg))
-        self.text_weights = tuple(device_tensor(n) for n in text_weight_names(cfg))
+        groups = weight_groups(cfg)
+        self.vision_weights = tuple(device_tensor(w.name) for w in groups["vision"])
+        self.text_weights = tuple(device_tensor(w.name) for w in groups["text"])
         self._vision: dict[int, VisionEncoder] = {}
         self._graphs: dict[int, Callable] = {}
         self._steps: dict[tuple[int, int], tuple[TextStep, tuple[Tensor, ...]]] = {}

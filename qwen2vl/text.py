@@ -15,10 +15,10 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 from mindspore import dtype as mstype
 
-from mindvl.shapes.config import TextConfig
 from mindvl.qwen2vl.layers import apply_rotary, full, linear, rms_norm, silu, softmax_f32
+from mindvl.shapes.config import TextConfig
+from mindvl.shapes.weights import TextLayerWeights, text_weights
 
-WEIGHTS_PER_LAYER = 12
 _bmm = ops.BatchMatMul()
 _bmm_t = ops.BatchMatMul(transpose_b=True)
 
@@ -44,7 +44,7 @@ class TextStep(nn.Cell):
     embeds [B, S, H]; position_ids [3, B, S] int32 (M-RoPE); cache_positions [B, S] int32 (slot each token is
     written to); mask [B, S, C] additive; logits_index [B, K] int32 (rows whose logits are returned); then
     the keys of every layer, the values of every layer ([B*kv_heads*C, head_dim] each, updated in place),
-    then the weights in `text_weight_names` order.
+    then the "text" group's weights (`shapes.weights.text_weights`), each found by its role.
     """
 
     def __init__(self, cfg: TextConfig, batch: int, capacity: int) -> None:
@@ -52,6 +52,7 @@ class TextStep(nn.Cell):
         self.cfg = cfg
         self.scale = cfg.head_dim**-0.5
         self.rope = Tensor(mrope_table(cfg))
+        self.at = text_weights(cfg).positions()  # each weight's position among the weight inputs
         kvh = cfg.num_key_value_heads
         # First row of each (batch, kv head) block in the flattened cache.
         self.row_base = Tensor((np.arange(batch * kvh, dtype=np.int32) * capacity).reshape(batch, kvh, 1))
@@ -61,15 +62,16 @@ class TextStep(nn.Cell):
         angle = ops.matmul(pos, self.rope)
         return ops.cos(angle).astype(dtype), ops.sin(angle).astype(dtype)
 
-    def attention(self, x: Tensor, w: tuple, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor,
-                  rows: Tensor, mask: Tensor) -> Tensor:
+    def attention(self, x: Tensor, w: tuple, at: TextLayerWeights, cache_k: Tensor, cache_v: Tensor, cos: Tensor,
+                  sin: Tensor, rows: Tensor, mask: Tensor) -> Tensor:
         cfg = self.cfg
         b, s = x.shape[0], x.shape[1]
         kvh, groups, d = cfg.num_key_value_heads, cfg.kv_groups, cfg.head_dim
         cos, sin = cos.reshape(b, s, 1, d), sin.reshape(b, s, 1, d)
-        q = apply_rotary(linear(x, w[0], w[1]).reshape(b, s, -1, d), cos, sin) * self.scale  # s × d, not s × C
-        k = apply_rotary(linear(x, w[2], w[3]).reshape(b, s, kvh, d), cos, sin)
-        v = linear(x, w[4], w[5]).reshape(b, s, kvh, d)
+        q = linear(x, w[at.q_weight], w[at.q_bias]).reshape(b, s, -1, d)
+        q = apply_rotary(q, cos, sin) * self.scale  # s × d, not s × C
+        k = apply_rotary(linear(x, w[at.k_weight], w[at.k_bias]).reshape(b, s, kvh, d), cos, sin)
+        v = linear(x, w[at.v_weight], w[at.v_bias]).reshape(b, s, kvh, d)
         keys = ops.scatter_update(cache_k, rows, k.transpose(0, 2, 1, 3))
         values = ops.scatter_update(cache_v, rows, v.transpose(0, 2, 1, 3))
         keys = keys.reshape(b, kvh, -1, d)
@@ -80,25 +82,25 @@ class TextStep(nn.Cell):
         scores = scores + full(mask.reshape(b, 1, 1, s, -1), scores.shape)
         probs = softmax_f32(scores, x.dtype).reshape(b, kvh, groups * s, -1)
         out = _bmm(probs, values).reshape(b, kvh, groups, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, -1)
-        return linear(out, w[6])
+        return linear(out, w[at.o_weight])
 
     def construct(self, embeds: Tensor, position_ids: Tensor, cache_positions: Tensor, mask: Tensor,
                   logits_index: Tensor, *tensors: Tensor) -> Tensor:
         cfg = self.cfg
         layers = cfg.num_hidden_layers
-        keys, values, weights = tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:]
+        keys, values, w = tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:]
         b, s = embeds.shape[0], embeds.shape[1]
         cos, sin = self.rotary(position_ids, embeds.dtype)
         rows_shape = (b, cfg.num_key_value_heads, s)
         rows = full(self.row_base, rows_shape) + full(cache_positions.reshape(b, 1, s), rows_shape)
         x = embeds
         for i in range(layers):
-            w = weights[i * WEIGHTS_PER_LAYER: (i + 1) * WEIGHTS_PER_LAYER]
-            h = rms_norm(x, w[0], cfg.rms_norm_eps)
-            x = x + self.attention(h, w[1:8], keys[i], values[i], cos, sin, rows, mask)
-            h = rms_norm(x, w[8], cfg.rms_norm_eps)
-            x = x + linear(silu(linear(h, w[9])) * linear(h, w[10]), w[11])
+            at = self.at.layers[i]
+            h = rms_norm(x, w[at.input_norm_weight], cfg.rms_norm_eps)
+            x = x + self.attention(h, w, at, keys[i], values[i], cos, sin, rows, mask)
+            h = rms_norm(x, w[at.post_attention_norm_weight], cfg.rms_norm_eps)
+            x = x + linear(silu(linear(h, w[at.gate_weight])) * linear(h, w[at.up_weight]), w[at.down_weight])
         k = logits_index.shape[1]
         x = ops.gather_elements(x, 1, logits_index.reshape(b, k, 1).broadcast_to((b, k, cfg.hidden_size)))
-        norm_w, lm_head = weights[layers * WEIGHTS_PER_LAYER:]
-        return linear(rms_norm(x, norm_w, cfg.rms_norm_eps), lm_head).astype(mstype.float32)
+        head = self.at.head
+        return linear(rms_norm(x, w[head.norm_weight], cfg.rms_norm_eps), w[head.lm_head_weight]).astype(mstype.float32)

@@ -13,27 +13,29 @@ from __future__ import annotations
 from mindspore import Tensor, nn, ops
 from mindspore import dtype as mstype
 
-from mindvl.shapes.config import VisionConfig
 from mindvl.qwen2vl.layers import apply_rotary, layer_norm, linear, quick_gelu, softmax_f32
+from mindvl.shapes.config import VisionConfig
+from mindvl.shapes.weights import VisionBlockWeights, vision_weights
 
-WEIGHTS_PER_BLOCK = 12
 _bmm = ops.BatchMatMul()
 _bmm_t = ops.BatchMatMul(transpose_b=True)
 
 
 class VisionEncoder(nn.Cell):
-    """construct(patches, cos, sin, *weights) with weights in `vision_weight_names` order, for one image or
-    video of `groups` temporal groups."""
+    """construct(patches, cos, sin, *weights) with the "vision" group's weights (`shapes.weights.vision_weights`),
+    each found by its role, for one image or video of `groups` temporal groups."""
 
     def __init__(self, cfg: VisionConfig, groups: int) -> None:
         super().__init__()
         self.cfg, self.groups = cfg, groups
         self.scale = cfg.head_dim**-0.5
+        self.at = vision_weights(cfg).positions()  # each weight's position among the weight inputs
 
-    def attention(self, x: Tensor, w: tuple, cos: Tensor, sin: Tensor) -> Tensor:
+    def attention(self, x: Tensor, w: tuple, at: VisionBlockWeights, cos: Tensor, sin: Tensor) -> Tensor:
         n, g, heads = x.shape[0], self.groups, self.cfg.num_heads
+        qkv = linear(x, w[at.qkv_weight], w[at.qkv_bias])
         # Split, not qkv[:, i]: MindSpore 2.10's CPU StridedSlice took 25 ms per [1024, 1280] slice, Split 1 ms.
-        q, k, v = (t.reshape(n, heads, -1) for t in ops.split(linear(x, w[0], w[1]), self.cfg.embed_dim, -1))
+        q, k, v = (t.reshape(n, heads, -1) for t in ops.split(qkv, self.cfg.embed_dim, -1))
         cos, sin = cos.reshape(n, 1, -1), sin.reshape(n, 1, -1)
 
         def by_group(t: Tensor) -> Tensor:  # [n, heads, d] -> [groups * heads, n / groups, d]
@@ -46,16 +48,15 @@ class VisionEncoder(nn.Cell):
         probs = softmax_f32(_bmm_t(q, k), x.dtype)
         out = _bmm(probs, by_group(v))
         out = out.reshape(g, heads, n // g, -1).transpose(0, 2, 1, 3).reshape(n, -1)
-        return linear(out, w[2], w[3])
+        return linear(out, w[at.proj_weight], w[at.proj_bias])
 
-    def construct(self, patches: Tensor, cos: Tensor, sin: Tensor, *weights: Tensor) -> Tensor:
-        cfg = self.cfg
-        x = linear(patches, weights[0])
-        for i in range(cfg.depth):
-            w = weights[1 + i * WEIGHTS_PER_BLOCK: 1 + (i + 1) * WEIGHTS_PER_BLOCK]
-            x = x + self.attention(layer_norm(x, w[0], w[1]), w[2:6], cos, sin)
-            h = layer_norm(x, w[6], w[7])
-            x = x + linear(quick_gelu(linear(h, w[8], w[9])), w[10], w[11])
-        m = weights[1 + cfg.depth * WEIGHTS_PER_BLOCK:]
-        x = layer_norm(x, m[0], m[1]).reshape(-1, cfg.merged_dim)
-        return linear(ops.gelu(linear(x, m[2], m[3]), approximate="none"), m[4], m[5])
+    def construct(self, patches: Tensor, cos: Tensor, sin: Tensor, *w: Tensor) -> Tensor:
+        x = linear(patches, w[self.at.patch_embed.weight])
+        for at in self.at.blocks:
+            x = x + self.attention(layer_norm(x, w[at.norm1_weight], w[at.norm1_bias]), w, at, cos, sin)
+            h = layer_norm(x, w[at.norm2_weight], w[at.norm2_bias])
+            x = x + linear(quick_gelu(linear(h, w[at.fc1_weight], w[at.fc1_bias])), w[at.fc2_weight], w[at.fc2_bias])
+        m = self.at.merger
+        x = layer_norm(x, w[m.norm_weight], w[m.norm_bias]).reshape(-1, self.cfg.merged_dim)
+        return linear(ops.gelu(linear(x, w[m.fc1_weight], w[m.fc1_bias]), approximate="none"), w[m.fc2_weight],
+                      w[m.fc2_bias])

@@ -1,81 +1,79 @@
-"""Checkpoint loading: HF safetensors (single or sharded) → numpy arrays under our cell names."""
+"""Checkpoint loading: HF safetensors (single or sharded) → numpy arrays under the declared weight names.
+
+The name map is built from the declaration (shapes/weights.py): each layer kind's roles, by their checkpoint names.
+"""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
 from mindvl.errors import CheckpointError
-from mindvl.tensorfile import read_safetensors
 from mindvl.shapes.config import ModelConfig
-
-_RULES = (
-    (re.compile(r"^(?:model\.)?visual\.patch_embed\.proj\.weight$"), "vision.patch_embed.weight"),
-    (re.compile(r"^(?:model\.)?visual\.blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)$"), r"vision.blocks.\1.\2.\3"),
-    (re.compile(r"^(?:model\.)?visual\.blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)$"), r"vision.blocks.\1.\2.\3"),
-    (re.compile(r"^(?:model\.)?visual\.blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$"), r"vision.blocks.\1.\2.\3"),
-    (re.compile(r"^(?:model\.)?visual\.merger\.ln_q\.(weight|bias)$"), r"vision.merger.norm.\1"),
-    (re.compile(r"^(?:model\.)?visual\.merger\.mlp\.0\.(weight|bias)$"), r"vision.merger.fc1.\1"),
-    (re.compile(r"^(?:model\.)?visual\.merger\.mlp\.2\.(weight|bias)$"), r"vision.merger.fc2.\1"),
-    (re.compile(r"^model\.(?:language_model\.)?embed_tokens\.weight$"), "text.embed.weight"),
-    (re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.(weight|bias)$"),
-     r"text.layers.\1.\2.\3"),
-    (re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$"),
-     r"text.layers.\1.\2.weight"),
-    (re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.(input|post_attention)_layernorm\.weight$"),
-     r"text.layers.\1.\2_norm.weight"),
-    (re.compile(r"^model\.(?:language_model\.)?norm\.weight$"), "text.norm.weight"),
-    (re.compile(r"^lm_head\.weight$"), "text.lm_head.weight"),
+from mindvl.shapes.weights import (
+    MergerWeights,
+    PatchEmbedWeights,
+    TextEmbedWeights,
+    TextHeadWeights,
+    TextLayerWeights,
+    VisionBlockWeights,
+    aliases,
+    stored_weights,
+    text_embed,
+    text_weights,
+    vision_weights,
 )
+from mindvl.tensorfile import read_safetensors
+
+# Each role's checkpoint name (hub layout), after its layer's prefix.
+_HUB_ROLES: dict[type, dict[str, str]] = {
+    PatchEmbedWeights: {"weight": "proj.weight"},
+    VisionBlockWeights: {
+        "norm1_weight": "norm1.weight", "norm1_bias": "norm1.bias",
+        "qkv_weight": "attn.qkv.weight", "qkv_bias": "attn.qkv.bias",
+        "proj_weight": "attn.proj.weight", "proj_bias": "attn.proj.bias",
+        "norm2_weight": "norm2.weight", "norm2_bias": "norm2.bias",
+        "fc1_weight": "mlp.fc1.weight", "fc1_bias": "mlp.fc1.bias",
+        "fc2_weight": "mlp.fc2.weight", "fc2_bias": "mlp.fc2.bias"},
+    MergerWeights: {
+        "norm_weight": "ln_q.weight", "norm_bias": "ln_q.bias",
+        "fc1_weight": "mlp.0.weight", "fc1_bias": "mlp.0.bias",
+        "fc2_weight": "mlp.2.weight", "fc2_bias": "mlp.2.bias"},
+    TextEmbedWeights: {"weight": "embed_tokens.weight"},
+    TextLayerWeights: {
+        "input_norm_weight": "input_layernorm.weight",
+        "q_weight": "self_attn.q_proj.weight", "q_bias": "self_attn.q_proj.bias",
+        "k_weight": "self_attn.k_proj.weight", "k_bias": "self_attn.k_proj.bias",
+        "v_weight": "self_attn.v_proj.weight", "v_bias": "self_attn.v_proj.bias",
+        "o_weight": "self_attn.o_proj.weight",
+        "post_attention_norm_weight": "post_attention_layernorm.weight",
+        "gate_weight": "mlp.gate_proj.weight", "up_weight": "mlp.up_proj.weight",
+        "down_weight": "mlp.down_proj.weight"},
+    TextHeadWeights: {"norm_weight": "model.norm.weight", "lm_head_weight": "lm_head.weight"},
+}
+# transformers >= 4.52 saves the towers nested (the LM head stays at the top level).
+_NESTED = (("model.visual.", "visual."), ("model.language_model.", "model."))
 
 
-def cell_name(hf_name: str) -> str | None:
-    """Map a checkpoint tensor name (hub layout or transformers ≥4.52 layout) to our cell name; None if unused."""
-    for pattern, target in _RULES:
-        if pattern.match(hf_name):
-            return pattern.sub(target, hf_name)
-    return None
+def checkpoint_names(cfg: ModelConfig) -> dict[str, str]:
+    """The declared name of every weight the model reads from a checkpoint, by its hub-layout checkpoint name (a
+    tied LM head is not read: it is the embedding table)."""
+    v, t, tied = vision_weights(cfg.vision), text_weights(cfg.text), aliases(cfg.text)
+    parts = [("visual.patch_embed.", v.patch_embed), *((f"visual.blocks.{i}.", b) for i, b in enumerate(v.blocks)),
+             ("visual.merger.", v.merger), ("model.", text_embed(cfg.text)),
+             *((f"model.layers.{i}.", layer) for i, layer in enumerate(t.layers)), ("", t.head)]
+    return {prefix + _HUB_ROLES[type(part)][role]: w.name
+            for prefix, part in parts for role, w in part._asdict().items() if w.name not in tied}
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the cells read, with its shape, in the order the graphs take them as inputs."""
-    t, v = cfg.text, cfg.vision
-    e, m, h, d = v.embed_dim, v.mlp_dim, t.hidden_size, t.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"vision.patch_embed.weight": (e, v.patch_dim)}
-    for i in range(v.depth):
-        p = f"vision.blocks.{i}."
-        shapes.update({
-            p + "norm1.weight": (e,), p + "norm1.bias": (e,),
-            p + "qkv.weight": (3 * e, e), p + "qkv.bias": (3 * e,),
-            p + "proj.weight": (e, e), p + "proj.bias": (e,),
-            p + "norm2.weight": (e,), p + "norm2.bias": (e,),
-            p + "fc1.weight": (m, e), p + "fc1.bias": (m,),
-            p + "fc2.weight": (e, m), p + "fc2.bias": (e,),
-        })
-    shapes.update({
-        "vision.merger.norm.weight": (e,), "vision.merger.norm.bias": (e,),
-        "vision.merger.fc1.weight": (v.merged_dim, v.merged_dim), "vision.merger.fc1.bias": (v.merged_dim,),
-        "vision.merger.fc2.weight": (h, v.merged_dim), "vision.merger.fc2.bias": (h,),
-        "text.embed.weight": (t.vocab_size, h),
-    })
-    q, kv = t.num_attention_heads * d, t.num_key_value_heads * d
-    for i in range(t.num_hidden_layers):
-        p = f"text.layers.{i}."
-        shapes.update({
-            p + "input_norm.weight": (h,),
-            p + "q.weight": (q, h), p + "q.bias": (q,),
-            p + "k.weight": (kv, h), p + "k.bias": (kv,),
-            p + "v.weight": (kv, h), p + "v.bias": (kv,),
-            p + "o.weight": (h, q),
-            p + "post_attention_norm.weight": (h,),
-            p + "gate.weight": (t.intermediate_size, h), p + "up.weight": (t.intermediate_size, h),
-            p + "down.weight": (h, t.intermediate_size),
-        })
-    shapes.update({"text.norm.weight": (h,), "text.lm_head.weight": (t.vocab_size, h)})
-    return shapes
+def hub_name(hf_name: str) -> str:
+    """A checkpoint tensor's name in the hub layout, whichever layout it was saved in."""
+    for nested, hub in _NESTED:
+        if hf_name.startswith(nested):
+            return hub + hf_name.removeprefix(nested)
+    return hf_name
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -98,35 +96,28 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def load_weights(model_dir: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Read, rename and shape-check every tensor the model needs (float32 or float16 as stored, bf16 widened)."""
+    """Read, rename and shape-check every weight the model needs (float32 or float16 as stored, bf16 widened), in
+    weights.safetensors order, aliases (a tied LM head) last."""
     model_dir = Path(model_dir)
-    wanted = expected_shapes(cfg)
+    names, wanted = checkpoint_names(cfg), {w.name: w.shape for w in stored_weights(cfg)}
+    patch_embed = vision_weights(cfg.vision).patch_embed.weight.name
     found: dict[str, np.ndarray] = {}
     for path in checkpoint_files(model_dir):
         for hf_name, arr in read_safetensors(path, CheckpointError, "re-download it").items():
-            name = cell_name(hf_name)
-            if name not in wanted:
+            name = names.get(hub_name(hf_name))
+            if name is None:
                 continue
-            if name == "vision.patch_embed.weight":
+            if name == patch_embed:
                 # Conv3d with kernel == stride over (C, T, P, P) patches is a MatMul on the flattened patch.
                 arr = arr.reshape(arr.shape[0], -1)
             if tuple(arr.shape) != wanted[name]:
                 raise CheckpointError(f"tensor {hf_name} in {path.name} has shape {list(arr.shape)} but config.json "
-                                      f"implies {list(wanted[name])}; the checkpoint does not match its config.json")
+                                      f"implies {list(wanted[name])}: the checkpoint does not match its config.json; "
+                                      f"re-download it, or use its own config.json")
             found[name] = arr
-    if cfg.text.tie_word_embeddings and "text.embed.weight" in found:
-        found["text.lm_head.weight"] = found["text.embed.weight"]
     missing = [n for n in wanted if n not in found]
     if missing:
-        raise CheckpointError(f"{len(missing)} tensors missing from the checkpoint in {model_dir} (first: {missing[0]}); "
-                              f"the files are incomplete or belong to another model")
-    return {name: found[name] for name in wanted}
-
-
-def vision_weight_names(cfg: ModelConfig) -> list[str]:
-    return [n for n in expected_shapes(cfg) if n.startswith("vision.")]
-
-
-def text_weight_names(cfg: ModelConfig) -> list[str]:
-    """The decoder graph's weights; the embedding table stays on the host, where prompts are embedded."""
-    return [n for n in expected_shapes(cfg) if n.startswith("text.") and n != "text.embed.weight"]
+        raise CheckpointError(f"{len(missing)} tensors missing from the checkpoint in {model_dir} (first: "
+                              f"{missing[0]}); the files are incomplete or belong to another model")
+    return {**{name: found[name] for name in wanted},
+            **{alias: found[target] for alias, target in aliases(cfg.text).items()}}

@@ -2,7 +2,8 @@
 
 Checks at load: the manifest's format version and structure, the MindSpore major version, that the largest KV
 cache fits this machine's memory, every file's presence inside the folder and size, the sha256 of the weights and
-tokenizer files, the weights file's header and tensors; each graph file's sha256 when it is first loaded.
+tokenizer files, the manifest's weights against those its model config declares, the weights file's header and
+tensors; each graph file's sha256 when it is first loaded.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import glob
 import math
 import os
 import time
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,11 @@ from mindspore import nn
 
 from mindvl.device import host_dtype, to_tensor, zeros
 from mindvl.errors import ArtifactError
-from mindvl.shapes.graphs import GraphSpec, kv_cache_shape, kv_cache_specs
+from mindvl.shapes.buckets import BucketSpec
+from mindvl.shapes.graphs import GraphSpec, TensorSpec, kv_cache_shape
 from mindvl.shapes.image import one_line
 from mindvl.shapes.manifest import MANIFEST, Manifest
+from mindvl.shapes.weights import manifest_weights, stored_weights
 from mindvl.tensorfile import read_safetensors
 
 
@@ -42,24 +46,43 @@ def check_cache_memory(manifest: Manifest) -> None:
 
 def graph_weights(weights: dict[str, Any]) -> set[str]:
     """The tensors the graphs take, aliases resolved, of a manifest's `weights`."""
-    return {weights["aliases"].get(n, n) for names in weights["groups"].values() for n in names}
+    return {weights["aliases"].get(e["name"], e["name"]) for group in weights["groups"].values() for e in group}
+
+
+def _show(entry: dict[str, Any] | None) -> str:
+    return "no weight" if entry is None else f"{entry['name']!r} {entry['shape']} {entry['dtype']} {entry['split']}"
+
+
+def check_declared_weights(manifest: Manifest) -> None:
+    """Refuse weights that are not, entry for entry, what the manifest's model config declares (shapes/weights.py):
+    graphs find their weights by position, so two same-shaped weights swapped would silently make another model."""
+    declared, found = manifest_weights(manifest.config, manifest.dtype), manifest.weights
+    pairs = [("weights.embed", declared["embed"], found["embed"])]
+    for group in dict.fromkeys([*declared["groups"], *found["groups"]]):
+        entries = zip_longest(declared["groups"].get(group, []), found["groups"].get(group, []))
+        pairs += [(f"weights.groups.{group}[{i}]", *pair) for i, pair in enumerate(entries)]
+    for where, want, have in pairs:
+        if want != have:
+            raise ArtifactError(f"{MANIFEST}: {where} holds {_show(have)}, but the model config declares "
+                                f"{_show(want)}; re-export the artifacts")
+    if found["aliases"] != declared["aliases"]:
+        raise ArtifactError(f"{MANIFEST}: weights.aliases is {found['aliases']}, but the model config declares "
+                            f"{declared['aliases']}; re-export the artifacts")
 
 
 def read_weights(folder: Path, manifest: Manifest, mapped: bool, sha256: str | None = None) -> dict[str, np.ndarray]:
-    """The weights file's tensors (see `read_safetensors`), once it holds every tensor the manifest names and the
-    embedding table has the model's shape."""
-    w, text = manifest.weights, manifest.config.text
-    arrays = read_safetensors(folder / w["file"], ArtifactError, "re-export the artifacts", mapped=mapped,
-                              sha256=sha256)
-    missing = [name for name in (w["embed"], *sorted(graph_weights(w))) if name not in arrays]
-    if missing:
-        raise ArtifactError(f"{folder / w['file']} has no float tensor {missing[0]!r}, which {MANIFEST} lists "
-                            f"(missing, or of a dtype mindvl does not read); re-export the artifacts")
-    embed = arrays[w["embed"]].shape
-    if embed != (text.vocab_size, text.hidden_size):
-        raise ArtifactError(f"{folder / w['file']}: {w['embed']} is {list(embed)}, not [vocab_size, hidden_size] = "
-                            f"[{text.vocab_size}, {text.hidden_size}] as the model in {MANIFEST} says; re-export the "
-                            f"artifacts")
+    """The weights file's tensors (see `read_safetensors`), once the manifest's weights are the declared ones and
+    the file holds each at its declared shape."""
+    check_declared_weights(manifest)
+    path = folder / manifest.weights["file"]
+    arrays = read_safetensors(path, ArtifactError, "re-export the artifacts", mapped=mapped, sha256=sha256)
+    for weight in stored_weights(manifest.config):
+        if weight.name not in arrays:
+            raise ArtifactError(f"{path} has no float tensor {weight.name!r}, which {MANIFEST} lists (missing, or of "
+                                f"a dtype mindvl does not read); re-export the artifacts")
+        if arrays[weight.name].shape != weight.shape:
+            raise ArtifactError(f"{path}: tensor {weight.name!r} is {list(arrays[weight.name].shape)}, not "
+                                f"{list(weight.shape)} as {MANIFEST} declares; re-export the artifacts")
     return arrays
 
 
@@ -71,6 +94,19 @@ def load_graph(folder: Path, manifest: Manifest, spec: GraphSpec) -> nn.GraphCel
     except (RuntimeError, ValueError) as e:
         raise ArtifactError(f"{spec.file} cannot be loaded by MindSpore {ms.__version__} ({one_line(e)[:200]}); "
                             f"re-export the artifacts") from None
+
+
+def _fed(spec: GraphSpec, declared: TensorSpec, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The array the runtime feeds as one declared input, once it has the declared shape."""
+    if declared.name not in inputs:
+        raise ArtifactError(f"{spec.file} takes an input {declared.name!r} ({MANIFEST}) that this mindvl does not "
+                            f"feed: the artifact was made by another mindvl; re-export it")
+    array = inputs[declared.name]
+    if array.shape != declared.shape:
+        raise ArtifactError(f"{spec.file} takes {declared.name} as {list(declared.shape)} ({MANIFEST}), and this "
+                            f"mindvl feeds {list(array.shape)} for its bucket: the manifest disagrees with the graph's "
+                            f"bucket or the model config; re-export the artifacts")
+    return array
 
 
 class Artifacts:
@@ -88,6 +124,7 @@ class Artifacts:
         check_cache_memory(self.manifest)
         self.config = self.manifest.config
         self.dtype = self.manifest.dtype
+        self.buckets = BucketSpec.from_dict(self.manifest.buckets)
         for relative in self.manifest.files:
             # Every file must be present at its size now (not halfway through a generation); the weights are
             # hashed as they are read, graph files when a graph is first loaded.
@@ -102,7 +139,8 @@ class Artifacts:
         self._load_weights(verify)
         self._graphs: dict[str, nn.GraphCell] = {}
         self.graph_load_ms = 0.0  # time spent loading graphs so far, all of it on first use
-        self._caches: dict[tuple[int, int], tuple[ms.Tensor, ...]] = {}
+        # (batch, cache) -> the cache inputs as declared, and their tensors
+        self._caches: dict[tuple[int, int], tuple[tuple[TensorSpec, ...], tuple[ms.Tensor, ...]]] = {}
 
     def _load_weights(self, verify: bool) -> None:
         w = self.manifest.weights
@@ -110,11 +148,11 @@ class Artifacts:
         sha256 = self.manifest.files[w["file"]]["sha256"] if verify else None
         arrays = read_weights(self.folder, self.manifest, mapped=False, sha256=sha256)
         arrays = {name: a.astype(host_dtype(self.dtype), copy=False) for name, a in arrays.items()}
-        self.embed = arrays[w["embed"]]
+        self.embed = arrays[w["embed"]["name"]]
         used = graph_weights(w)
         tensors = {name: to_tensor(a, self.dtype) for name, a in arrays.items() if name in used}
-        self.weights = {group: tuple(tensors[w["aliases"].get(n, n)] for n in names)
-                        for group, names in w["groups"].items()}
+        self.weights = {group: tuple(tensors[w["aliases"].get(e["name"], e["name"])] for e in entries)
+                        for group, entries in w["groups"].items()}
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -128,19 +166,23 @@ class Artifacts:
             self.graph_load_ms += (time.perf_counter() - start) * 1e3
         return self._graphs[spec.name]
 
-    def caches(self, batch: int, capacity: int) -> tuple[ms.Tensor, ...]:
-        """The KV cache of one (batch, capacity), allocated once; every text graph of that size updates it."""
-        key = (batch, capacity)
+    def caches(self, spec: GraphSpec) -> tuple[ms.Tensor, ...]:
+        """The KV cache a text graph declares, allocated once per (batch, cache) bucket: every text graph of that
+        size updates the same tensors in place."""
+        key = (spec.bucket["batch"], spec.bucket["cache"])
         if key not in self._caches:
-            self._caches[key] = tuple(zeros(c.shape, c.dtype)
-                                      for c in kv_cache_specs(self.config, batch, capacity, self.dtype))
-        return self._caches[key]
+            self._caches[key] = (spec.caches, tuple(zeros(c.shape, c.dtype) for c in spec.caches))
+        declared, tensors = self._caches[key]
+        if declared != spec.caches:
+            raise ArtifactError(f"{spec.file} declares other KV cache inputs in {MANIFEST} than the other graphs of "
+                                f"batch {key[0]} × cache {key[1]}, which share one cache; re-export the artifacts")
+        return tensors
 
     def run(self, spec: GraphSpec, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """Feed one graph its data inputs (by name, as declared), its caches and its weights."""
-        args = [to_tensor(inputs[t.name], t.dtype) for t in spec.inputs]
+        """Feed one graph, as the manifest declares it, its data inputs (by name), its caches and its weights."""
+        args = [to_tensor(_fed(spec, t, inputs), t.dtype) for t in spec.inputs]
         if spec.caches:
-            args += self.caches(spec.bucket["batch"], spec.bucket["cache"])
+            args += self.caches(spec)
         graph = self.graph(spec)
         try:
             return graph(*args, *self.weights[spec.weights]).asnumpy()

@@ -27,7 +27,8 @@ from mindvl.device import host_dtype
 from mindvl.runtime.artifacts import Artifacts
 from mindvl.runtime.detokenize import StreamDecoder
 from mindvl.runtime.sampling import Sampling, next_token
-from mindvl.shapes.graphs import GraphSpec, text_graph
+from mindvl.shapes.buckets import choose_text_buckets
+from mindvl.shapes.graphs import GraphSpec
 from mindvl.shapes.text_inputs import attention_mask
 
 
@@ -91,9 +92,8 @@ class Batch:
     """The rows of one (batch, cache) bucket; `add` and `step` return (generation, new text) per row that worked
     or failed, and free the rows of generations that ended."""
 
-    def __init__(self, artifacts: Artifacts, size: int, capacity: int, prefill_lengths: Sequence[int]) -> None:
+    def __init__(self, artifacts: Artifacts, size: int, capacity: int) -> None:
         self.artifacts, self.size, self.capacity = artifacts, size, capacity
-        self.prefill_lengths = sorted(s for s in prefill_lengths if s <= capacity)
         self.rows: list[Generation | None] = [None] * size
         self.np_dtype = host_dtype(artifacts.dtype)
         self.hidden = artifacts.config.text.hidden_size
@@ -123,7 +123,7 @@ class Batch:
             raise ValueError(f"{len(generations)} generations do not fit the {self.free} free rows of a "
                              f"{self.capacity}-slot cache")
         seq = self._prefill_length(max(g.prompt.length for g in generations))
-        for r, g in zip(free, generations):
+        for r, g in zip(free, generations, strict=True):
             self.rows[r] = g  # fill stays 0 until its prefill succeeded: until then the row idles at slot 0
 
         def write(r: int, inputs: _Inputs) -> None:
@@ -149,11 +149,12 @@ class Batch:
         return self._call(1, [r for r, g in enumerate(self.rows) if g is not None], write, written)
 
     def _prefill_length(self, prompt_length: int) -> int:
-        return min(s for s in self.prefill_lengths if s >= prompt_length)
+        return choose_text_buckets(prompt_length, 0, self.artifacts.buckets, self.size, cache=self.capacity).prefill
 
     def _spec(self, seq: int) -> GraphSpec:
         if seq not in self._specs:
-            self._specs[seq] = text_graph(self.artifacts.config, self.size, seq, self.capacity, self.artifacts.dtype)
+            kind = "decode" if seq == 1 else "prefill"
+            self._specs[seq] = self.artifacts.manifest.find(kind, batch=self.size, seq=seq, cache=self.capacity)
         return self._specs[seq]
 
     def _call(self, seq: int, rows: list[int], write: Callable[[int, _Inputs], None],

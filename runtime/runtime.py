@@ -23,8 +23,7 @@ from mindvl.runtime.artifacts import Artifacts
 from mindvl.runtime.batch import Batch, Generation, Prompt
 from mindvl.runtime.detokenize import StreamDecoder
 from mindvl.runtime.sampling import Sampling
-from mindvl.shapes.buckets import BucketSpec, TextChoice, choose_text_buckets
-from mindvl.shapes.graphs import vision_graph
+from mindvl.shapes.buckets import TextChoice, choose_text_buckets
 from mindvl.shapes.processor import ImageInput, Prepared, Processor, VideoInput
 from mindvl.shapes.rope_index import rope_index
 from mindvl.shapes.text_inputs import place_visual
@@ -48,7 +47,7 @@ class Runtime:
     def __init__(self, artifacts: Artifacts, device: str) -> None:
         self.artifacts, self.device = artifacts, device
         self.config = artifacts.config
-        self.buckets = BucketSpec.from_dict(artifacts.manifest.buckets)
+        self.buckets = artifacts.buckets
         self.processor = Processor(artifacts.tokenizer_dir, self.buckets)
 
     @classmethod
@@ -87,7 +86,7 @@ class Runtime:
                                                                                              self.buckets)))
         out.timings["preprocess"] = (time.perf_counter() - start) * 1e3
         length, [text] = prepared.input_ids.shape[1], chosen
-        batch = Batch(self.artifacts, text.batch, text.cache, self.buckets.prefill)
+        batch = Batch(self.artifacts, text.batch, text.cache)
         prefill, decode = batch.graph_names(length)
         out.prompt_tokens = length
         out.buckets = {"prefill": prefill, "decode": decode, "prefill_padding_tokens": text.padding_tokens,
@@ -132,14 +131,16 @@ class Runtime:
 
     def _embed(self, prepared: Prepared) -> tuple[np.ndarray, list[str]]:
         """Token embeddings with each image's and video's visual tokens over its pad tokens."""
-        v, dtype = self.config.vision, self.artifacts.dtype
+        v = self.config.vision
         embeds = self.artifacts.embed[prepared.input_ids]  # a copy, in the host dtype already
         names = []
-        for kind, token_id in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
+        for kind, graph_kind, token_id in (("image", "vision", self.config.image_token_id),
+                                           ("video", "video", self.config.video_token_id)):
             features = []
             for visual in (x for x in prepared.visuals if x.kind == kind):
                 b = visual.choice.bucket
-                spec = vision_graph(self.config, getattr(b, "frames", 1), b.height, b.width, dtype)
+                spec = self.artifacts.manifest.find(graph_kind, frames=getattr(b, "frames", 1), height=b.height,
+                                                    width=b.width)
                 cos, sin = vision_rotary(visual.grid[None], v.head_dim, v.spatial_merge_size)
                 features.append(self.artifacts.run(spec, {"patches": visual.pixels, "cos": cos, "sin": sin}))
                 names.append(spec.name)

@@ -24,6 +24,7 @@ from mindvl.serve.metrics import Metrics
 from mindvl.serve.responses import DONE, Envelope, StopText, sse
 from mindvl.serve.scheduler import Done, Job, Scheduler, Token
 from mindvl.serve.schema import ChatRequest, Limits, Message, parse_request
+from mindvl.shapes.buckets import BucketSpec, TextBucketError, choose_text_buckets
 
 
 class Completions:
@@ -79,12 +80,12 @@ class Completions:
         except MindVLError as e:
             raise from_mindvl(e) from None
         messages, images, videos = self._conversation(chat.messages)
-        budget = _Budget(chat.token_limit, self.runtime.buckets.prefill[-1], self.runtime.buckets.cache[-1])
+        budget = _Budget(chat.token_limit, self.runtime.buckets)
         try:
             prepared = self.runtime.processor.prepare_chat(messages, images, videos, check_length=budget)
         except MindVLError as e:
             raise from_mindvl(e, "messages") from None
-        return Job(prepared, budget.max_new_tokens, sampling, loop)
+        return Job(prepared, budget.max_new_tokens, budget.text, sampling, loop)
 
     def _conversation(self, messages: list[Message]) -> tuple[list[dict], list, list]:
         """The messages in the chat template's form, and the images and videos their parts refer to, in order."""
@@ -143,7 +144,7 @@ class Completions:
         watcher = asyncio.create_task(_until_disconnect(receive, job))
         try:
             text, finish, count = [], "length", 0
-            async for piece, finish, count in self._answer(job, chat, arrived):
+            async for piece, finish, count in self._answer(job, chat, arrived):  # noqa: B007 (the last ones count)
                 text.append(piece)
             return envelope.completion("".join(text), finish, job.prompt_tokens, count)
         finally:
@@ -153,7 +154,7 @@ class Completions:
         yield envelope.chunk({"role": "assistant", "content": ""})
         finish, count = "length", 0
         try:
-            async for piece, finish, count in self._answer(job, chat, arrived):
+            async for piece, finish, count in self._answer(job, chat, arrived):  # noqa: B007 (the last ones count)
                 if piece:
                     yield envelope.chunk({"content": piece})
         except ServeError as e:  # the status line is sent already: the error goes in the stream, as OpenAI does
@@ -167,24 +168,27 @@ class Completions:
 
 
 class _Budget:
-    """Refuses a prompt, once its tokens are counted, that does not fit this server's longest prompt or, with
-    max_tokens, its largest cache; sets `max_new_tokens` (default: what fits the largest cache)."""
+    """Once a prompt's tokens are counted: its text buckets at the server's batch size (`shapes.buckets` decides),
+    or a refusal worded for a client, who cannot add buckets. max_tokens defaults to what fits the largest cache."""
 
-    def __init__(self, token_limit: int | None, longest_prompt: int, largest_cache: int) -> None:
-        self.token_limit, self.longest_prompt, self.largest_cache = token_limit, longest_prompt, largest_cache
-        self.max_new_tokens = 0
+    def __init__(self, token_limit: int | None, buckets: BucketSpec) -> None:
+        self.token_limit, self.buckets = token_limit, buckets
+        self.max_new_tokens, self.text = 0, None  # set once the prompt is counted
 
     def __call__(self, length: int) -> None:
-        if length > self.longest_prompt:
-            raise ServeError(400, f"the prompt is {length} tokens, longer than this server's longest prompt "
-                                  f"({self.longest_prompt} tokens); shorten it or send fewer or smaller images",
-                             param="messages", code="context_length_exceeded")
-        max_new = self.token_limit or max(1, self.largest_cache - length)
-        if length + max_new > self.largest_cache:
+        longest, largest = self.buckets.prefill[-1], self.buckets.cache[-1]
+        max_new = self.token_limit or max(1, largest - length)
+        try:
+            self.text = choose_text_buckets(length, max_new, self.buckets, self.buckets.batch[-1])
+        except TextBucketError:
+            if length > longest:
+                raise ServeError(400, f"the prompt is {length} tokens, longer than this server's longest prompt "
+                                      f"({longest} tokens); shorten it or send fewer or smaller images",
+                                 param="messages", code="context_length_exceeded") from None
             raise ServeError(400, f"the prompt ({length} tokens) + max_tokens ({max_new}) is more than this "
-                                  f"server's largest KV cache ({self.largest_cache} tokens); lower max_tokens to "
-                                  f"<= {self.largest_cache - length}", param="max_tokens",
-                             code="context_length_exceeded")
+                                  f"server's largest KV cache ({largest} tokens); lower max_tokens to "
+                                  f"<= {largest - length}", param="max_tokens",
+                             code="context_length_exceeded") from None
         self.max_new_tokens = max_new
 
 

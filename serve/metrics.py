@@ -23,7 +23,7 @@ class Histogram:
 
     def lines(self, name: str) -> list[str]:
         out, total = [], 0
-        for bound, count in zip((*self.buckets, "+Inf"), self.counts):
+        for bound, count in zip((*self.buckets, "+Inf"), self.counts, strict=True):
             total += count
             out.append(f'{name}_bucket{{le="{bound}"}} {total}')
         return out + [f"{name}_sum {self.sum:.6f}", f"{name}_count {total}"]

@@ -30,6 +30,7 @@ from mindvl.runtime.batch import Batch, Generation
 from mindvl.runtime.sampling import Sampling
 from mindvl.serve.errors import ServeError, from_mindvl
 from mindvl.serve.metrics import Metrics
+from mindvl.shapes.buckets import TextChoice
 from mindvl.shapes.processor import Prepared
 
 log = logging.getLogger("mindvl.serve")
@@ -49,17 +50,13 @@ class Done:
 class Job:
     """One chat completion: what the worker needs, and the queue its tokens come back on."""
 
-    def __init__(self, prepared: Prepared, max_new_tokens: int, sampling: Sampling,
+    def __init__(self, prepared: Prepared, max_new_tokens: int, text: TextChoice, sampling: Sampling,
                  loop: asyncio.AbstractEventLoop) -> None:
-        self.prepared, self.max_new_tokens, self.sampling = prepared, max_new_tokens, sampling
+        self.prepared, self.max_new_tokens, self.text, self.sampling = prepared, max_new_tokens, text, sampling
         self.prompt_tokens = prepared.input_ids.shape[1]
         self.events: asyncio.Queue[Token | Done | ServeError] = asyncio.Queue()
         self.cancelled = False  # set on the event loop; the worker drops the job at its next step
         self._loop = loop
-
-    @property
-    def cache_needed(self) -> int:
-        return self.prompt_tokens + self.max_new_tokens
 
     def send(self, event: Token | Done | ServeError) -> None:
         """From the worker thread."""
@@ -170,17 +167,15 @@ class Scheduler:
         return batch if batch is not None and batch.active else None
 
     def _open(self) -> Batch:
+        """A batch at the cache the first B waiting requests need: the largest of the caches each would take."""
         first = itertools.islice(self._waiting, self.batch_size)
-        need = max(job.cache_needed for job in first)
-        buckets = self.runtime.buckets
-        capacity = min(c for c in buckets.cache if c >= need)  # requests were checked to fit the largest
-        return Batch(self.runtime.artifacts, self.batch_size, capacity, buckets.prefill)
+        return Batch(self.runtime.artifacts, self.batch_size, max(job.text.cache for job in first))
 
     def _admit(self, batch: Batch) -> dict[Generation, Job]:
         """Waiting jobs, in order, into the free rows while they fit the batch's cache; their vision graphs run
         here."""
         joining: dict[Generation, Job] = {}
-        while self._waiting and len(joining) < batch.free and self._waiting[0].cache_needed <= batch.capacity:
+        while self._waiting and len(joining) < batch.free and self._waiting[0].text.cache <= batch.capacity:
             job = self._waiting.popleft()
             try:
                 prompt = self.runtime.encode(job.prepared)

@@ -21,7 +21,9 @@ Video rule, for a clip of `total_frames` frames of h x w pixels:
   The frames kept are index[i] = i * total_frames // F.
 
 Text rule: the smallest batch bucket >= batch; among the (prefill S, cache C) pairs with S <= C, S >= the prompt
-and C >= prompt + max_new_tokens, the smallest C, then the smallest S.
+and C >= prompt + max_new_tokens, the smallest C, then the smallest S. A batch that is already running keeps its
+cache C, and only S is chosen. This is the one place that decides: the runtime, the batcher and the server all
+call `choose_text_buckets`.
 """
 
 from __future__ import annotations
@@ -326,24 +328,41 @@ def choose_video_bucket(
     return VideoChoice(bucket, (height, width), native, total_frames, want, indices)
 
 
-def choose_text_buckets(prompt_tokens: int, max_new_tokens: int, spec: BucketSpec, batch: int = 1) -> TextChoice:
-    """The text rule of the module docstring."""
+class TextBucketError(BucketError):
+    """A prompt, or a prompt and its new tokens, that no text bucket takes: the numbers, for callers that word the
+    refusal for their own audience (a server's client cannot re-export)."""
+
+    def __init__(self, message: str, prompt_tokens: int, max_new_tokens: int, spec: BucketSpec) -> None:
+        super().__init__(message)
+        self.prompt_tokens, self.max_new_tokens = prompt_tokens, max_new_tokens
+        self.longest_prompt, self.largest_cache = spec.prefill[-1], spec.cache[-1]
+
+
+def choose_text_buckets(prompt_tokens: int, max_new_tokens: int, spec: BucketSpec, batch: int = 1,
+                        cache: int | None = None) -> TextChoice:
+    """The text rule of the module docstring; `cache`: the cache bucket of a batch already running."""
     if batch > spec.batch[-1]:
         raise BucketError(f"batch of {batch} sequences; the largest batch bucket is {spec.batch[-1]}: add it "
                           f"(batch: [..., {batch}]) to the bucket spec and re-export")
     if prompt_tokens > spec.prefill[-1]:
-        raise BucketError(f"prompt is {prompt_tokens} tokens; the largest prefill bucket is {spec.prefill[-1]}: add a "
-                          f"longer one (prefill: [..., {_pow2(prompt_tokens)}]) to the bucket spec and re-export")
+        raise TextBucketError(
+            f"prompt is {prompt_tokens} tokens; the largest prefill bucket is {spec.prefill[-1]}: add a longer one "
+            f"(prefill: [..., {_pow2(prompt_tokens)}]) to the bucket spec and re-export",
+            prompt_tokens, max_new_tokens, spec)
     total = prompt_tokens + max_new_tokens
     if total > spec.cache[-1]:
-        raise BucketError(
+        raise TextBucketError(
             f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens, more than the "
             f"largest cache bucket {spec.cache[-1]}: lower max_new_tokens to <= {spec.cache[-1] - prompt_tokens}, "
-            f"or add a cache bucket (cache: [..., {_pow2(total)}]) and re-export"
-        )
-    # Non-empty: validation keeps every prefill <= the largest cache.
-    s, c = min(((s, c) for s, c in spec.prefill_cache_pairs() if s >= prompt_tokens and c >= total),
-               key=lambda sc: (sc[1], sc[0]))
+            f"or add a cache bucket (cache: [..., {_pow2(total)}]) and re-export",
+            prompt_tokens, max_new_tokens, spec)
+    # Non-empty without `cache`: validation keeps every prefill <= the largest cache.
+    pairs = [(s, c) for s, c in spec.prefill_cache_pairs()
+             if s >= prompt_tokens and c >= total and (cache is None or c == cache)]
+    if not pairs:
+        raise BucketError(f"prompt of {prompt_tokens} tokens + {max_new_tokens} new tokens does not fit the running "
+                          f"batch's {cache}-slot cache; wait for a batch with a larger cache")
+    s, c = min(pairs, key=lambda sc: (sc[1], sc[0]))
     b = min(x for x in spec.batch if x >= batch)
     return TextChoice(b, s, c, s - prompt_tokens, c - total)
 

@@ -133,9 +133,17 @@ class ModelConfig:
 
     def validate(self) -> None:
         t, v = self.text, self.vision
+        # The cells compute Qwen2-VL's activations whatever the config names: another one would be another model.
+        for key, named, tower, computed in (("hidden_act", t.hidden_act, "text decoder", "silu"),
+                                            ("vision_config.hidden_act", v.hidden_act, "vision encoder", "quick_gelu")):
+            if named != computed:
+                raise UnsupportedError(f"config.json: {key} {named!r} is not supported: mindvl's {tower} computes "
+                                       f"{computed!r}, Qwen2-VL's, and would run a different model; use a Qwen2-VL "
+                                       f"checkpoint, whose {key} is {computed!r}")
         problems = []
         if t.hidden_size % t.num_attention_heads:
-            problems.append(f"hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_attention_heads}")
+            problems.append(f"hidden_size {t.hidden_size} is not divisible by num_attention_heads "
+                            f"{t.num_attention_heads}")
         if t.num_attention_heads % t.num_key_value_heads:
             problems.append(f"num_attention_heads {t.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads {t.num_key_value_heads}")
@@ -145,7 +153,8 @@ class ModelConfig:
             problems.append(f"vision embed_dim {v.embed_dim} / num_heads {v.num_heads} must give a head_dim "
                             f"divisible by 4 (2-D rotary)")
         if v.hidden_size != t.hidden_size:
-            problems.append(f"vision_config.hidden_size {v.hidden_size} must equal the text hidden_size {t.hidden_size}")
+            problems.append(f"vision_config.hidden_size {v.hidden_size} must equal the text hidden_size "
+                            f"{t.hidden_size}")
         if problems:
             raise CheckpointError("config.json is inconsistent: " + "; ".join(problems) + "; fix the config")
 
@@ -153,14 +162,16 @@ class ModelConfig:
         """Nested layout that `from_hf` reads back unchanged (used in manifests)."""
         d = asdict(self)
         text = d.pop("text")
-        text["rope_parameters"] = {"mrope_section": list(text.pop("mrope_section")), "rope_theta": text.pop("rope_theta")}
+        text["rope_parameters"] = {"mrope_section": list(text.pop("mrope_section")),
+                                   "rope_theta": text.pop("rope_theta")}
         return {"model_type": "qwen2_vl", "text_config": text, "vision_config": d.pop("vision"), **d}
 
 
 def read_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: pass a Hugging Face Qwen2-VL model folder (config.json + *.safetensors)")
+        raise CheckpointError(f"{path} is missing: pass a Hugging Face Qwen2-VL model folder (config.json + "
+                              "*.safetensors)")
     try:
         d = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

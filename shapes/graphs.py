@@ -63,7 +63,10 @@ def vision_graph(cfg: ModelConfig, frames: int, height: int, width: int, dtype: 
     v = cfg.vision
     groups = max(1, frames // v.temporal_patch_size)
     n = groups * (height // v.patch_size) * (width // v.patch_size)
-    name, kind = (f"vision_{height}x{width}", "vision") if frames == 1 else (f"video_{frames}x{height}x{width}", "video")
+    if frames == 1:
+        name, kind = f"vision_{height}x{width}", "vision"
+    else:
+        name, kind = f"video_{frames}x{height}x{width}", "video"
     return GraphSpec(
         name, kind, {"frames": frames, "height": height, "width": width, "groups": groups},
         inputs=(TensorSpec("patches", (n, v.patch_dim), dtype), TensorSpec("cos", (n, v.head_dim), "float32"),

@@ -20,7 +20,7 @@ from mindvl.shapes.graphs import GraphSpec
 from mindvl.shapes.manifest_check import check_manifest
 
 FORMAT = "mindvl-artifacts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each weight's name, shape, dtype and split (shapes/weights.py), not its name alone
 MANIFEST = "manifest.json"
 MAX_BYTES = 1 << 26  # a manifest of thousands of graphs is a few MB: more is not one, and would not fit in memory
 
@@ -41,7 +41,7 @@ class Manifest:
     dtype: str
     buckets: dict[str, Any]  # BucketSpec.to_dict()
     graphs: tuple[GraphSpec, ...]
-    weights: dict[str, Any]  # file, sha256, bytes, groups {name: [tensor names in input order]}, aliases
+    weights: dict[str, Any]  # file, groups {name: [weight entries in input order]}, aliases, embed (an entry)
     files: dict[str, dict[str, Any]]  # relative path -> {sha256, bytes}, every file but the manifest
 
     @property
@@ -53,6 +53,17 @@ class Manifest:
             if g.name == name:
                 return g
         raise KeyError(name)
+
+    def find(self, kind: str, **bucket: int) -> GraphSpec:
+        """The `kind` graph ("vision", "video", "prefill", "decode") exported at `bucket` (say batch=1, seq=64,
+        cache=256), exactly as this manifest declares it: an artifact runs as it was exported, whatever the code
+        that declares graphs makes of the same bucket today."""
+        for g in self.graphs:
+            if g.kind == kind and all(g.bucket.get(key) == value for key, value in bucket.items()):
+                return g
+        where = ", ".join(f"{key} {value}" for key, value in bucket.items())
+        raise ArtifactError(f"{MANIFEST} declares no {kind} graph for {where}, which its buckets call for "
+                            f"(tampered, or made by another mindvl); re-export the artifacts")
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "mindvl_version": self.mindvl_version,

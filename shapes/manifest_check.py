@@ -19,6 +19,7 @@ from mindvl.errors import ArtifactError, MindVLError
 from mindvl.shapes.buckets import DTYPES, BucketSpec
 from mindvl.shapes.config import ModelConfig, TextConfig, VisionConfig
 from mindvl.shapes.graphs import GraphSpec
+from mindvl.shapes.weights import SPLITS
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,12 @@ MODEL = {
     **{f.name: COUNT for f in fields(ModelConfig) if f.type == "int"},
 }
 TENSOR = {"name": TEXT, "shape": [COUNT], "dtype": _one_of(*DTYPES, "int32")}
+WEIGHT = {"name": TEXT, "shape": [COUNT], "dtype": _one_of(*DTYPES), "split": _one_of(*SPLITS)}  # Weight.to_dict
 GRAPH = {"name": TEXT, "kind": _one_of("vision", "video", "prefill", "decode"), "file": PATH, "bucket": Each(POSITIVE),
          "inputs": [TENSOR], "caches": [TENSOR], "weights": TEXT, "outputs": [TENSOR]}
 MANIFEST = {
     "mindvl_version": TEXT, "mindspore_version": TEXT, "dtype": _one_of(*DTYPES), "model": MODEL, "buckets": OBJECT,
-    "weights": {"file": PATH, "groups": Each([TEXT]), "aliases": Each(TEXT), "embed": TEXT},
+    "weights": {"file": PATH, "groups": Each([WEIGHT]), "aliases": Each(TEXT), "embed": WEIGHT},
     "graphs": [GRAPH],
     "files": Each({"sha256": SHA256, "bytes": COUNT}, key=PATH),
 }

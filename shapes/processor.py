@@ -21,13 +21,34 @@ import numpy as np
 from PIL import Image
 
 from mindvl.errors import MediaError
-from mindvl.shapes.buckets import (BucketError, BucketSpec, ImageChoice, VideoChoice, choose_image_bucket,
-                                   choose_video_bucket)
-from mindvl.shapes.image import (ProcessorConfig, decode_image, patch_grid, patchify, read_image_header,
-                                 require_file, rgb_array, smart_resize)
+from mindvl.shapes.buckets import (
+    BucketError,
+    BucketSpec,
+    ImageChoice,
+    VideoChoice,
+    choose_image_bucket,
+    choose_video_bucket,
+)
+from mindvl.shapes.image import (
+    ProcessorConfig,
+    decode_image,
+    patch_grid,
+    patchify,
+    read_image_header,
+    require_file,
+    rgb_array,
+    smart_resize,
+)
 from mindvl.shapes.prompt import ChatTemplate, Tokenizer, encode_chat, user_turn
-from mindvl.shapes.video import (FPS, MAX_FRAMES, MIN_FRAMES, VideoHeader, read_video, read_video_header,
-                                 sample_frame_indices)
+from mindvl.shapes.video import (
+    FPS,
+    MAX_FRAMES,
+    MIN_FRAMES,
+    VideoHeader,
+    read_video,
+    read_video_header,
+    sample_frame_indices,
+)
 
 
 @dataclass(frozen=True)
@@ -134,7 +155,8 @@ class Processor:
         return self.prepare_chat([user_turn(text, len(images), len(videos))], images, videos, check_length)
 
     def prepare_chat(self, messages: Sequence[dict], images: Sequence[ImageInput] = (),
-                     videos: Sequence[VideoInput] = (), check_length: Optional[Callable[[int], None]] = None) -> Prepared:
+                     videos: Sequence[VideoInput] = (),
+                     check_length: Optional[Callable[[int], None]] = None) -> Prepared:
         """A conversation in the chat template's form (see `ChatTemplate.render`); its {"type": "image"} and
         {"type": "video"} parts take `images` and `videos`, in order. `check_length(prompt_tokens)` runs once the
         tokens are counted and before any pixel is decoded; it refuses the prompt by raising."""

@@ -113,7 +113,7 @@ def encode_chat(
     pads = [token for token in controls if token in (IMAGE_PAD, VIDEO_PAD)]
     repeats = iter(_pad_repeats(pads, image_grid_thw, video_grid_thw, merge_size))
     encodings = [tokenizer.plain.encode(stretches[0], add_special_tokens=False)]
-    for token, stretch in zip(controls, stretches[1:]):
+    for token, stretch in zip(controls, stretches[1:], strict=True):
         if token in (IMAGE_PAD, VIDEO_PAD):
             token *= next(repeats)
         encodings.append(tokenizer.backend.encode(token, add_special_tokens=False))

@@ -23,7 +23,6 @@ import numpy as np
 from mindvl.errors import MediaError
 from mindvl.shapes.image import ProcessorConfig, one_line, patchify, require_file, smart_resize
 
-
 # Qwen2-VL's video sampling: frames per second kept, and the bounds on how many.
 FPS, MIN_FRAMES, MAX_FRAMES = 2.0, 4, 768
 

@@ -20,16 +20,19 @@ def patch_positions(grid_thw: np.ndarray, merge: int) -> np.ndarray:
     for t, h, w in np.asarray(grid_thw, dtype=np.int64):
         rows = np.arange(h)[:, None].repeat(w, 1)
         cols = np.arange(w)[None, :].repeat(h, 0)
-
-        def window_order(a: np.ndarray) -> np.ndarray:
-            return a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
-
-        pos = np.stack([window_order(rows), window_order(cols)], -1)
+        pos = np.stack([_window_order(rows, merge), _window_order(cols, merge)], -1)
         out.append(np.tile(pos, (t, 1)))
     return np.concatenate(out, 0)
 
 
-def vision_rotary(grid_thw: np.ndarray, head_dim: int, merge: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+def _window_order(a: np.ndarray, merge: int) -> np.ndarray:
+    """[h, w] values, read merge window by merge window."""
+    h, w = a.shape
+    return a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
+
+
+def vision_rotary(grid_thw: np.ndarray, head_dim: int, merge: int,
+                  theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin tables [N, head_dim] (float32) for the vision attention."""
     dim = head_dim // 2
     inv_freq = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)

@@ -1,7 +1,9 @@
-"""A live `mindvl serve` in a child process on a free loopback port, and request builders, for tests/test_serve_*.
+"""A live `mindvl serve` in a child process on a free loopback port, the same app in a thread of the test's process,
+a gate that holds a runtime's decode steps, and request builders, for tests/test_serve_* and tests/test_faults.
 
-The server is the real command line (uvicorn, sockets, signals); its log is kept next to the test's files and
-printed when it fails to start.
+The child server is the real command line (uvicorn, sockets, signals); its log is kept next to the test's files and
+printed when it fails to start. The in-process server lets a test reach into the runtime it serves: the package has
+no test hooks, so tests wrap the runtime's graph calls.
 """
 
 from __future__ import annotations
@@ -19,19 +21,23 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import httpx
 import uvicorn
 from PIL import Image
 
+from mindvl.runtime import Runtime
+from mindvl.serve.app import Settings, create_app
+from mindvl.serve.media import MediaPolicy
+
 
 @dataclass
-class Server:
+class Endpoint:
+    """A server the test reaches over loopback."""
+
     url: str  # http://127.0.0.1:PORT
     port: int
-    process: subprocess.Popen
-    log: Path
     model: str  # the model id it serves
     headers: dict[str, str]  # the API key, when it has one
 
@@ -43,6 +49,50 @@ class Server:
         return float(match[1])
 
 
+@dataclass
+class Server(Endpoint):
+    """`mindvl serve` in a child process."""
+
+    process: subprocess.Popen
+    log: Path
+
+
+class DecodeGate:
+    """While closed, every decode graph call of `runtime` waits: a generation holds in a decode step, a point the
+    test knows, until the test opens the gate, however fast or slow the machine. Prefill and vision calls pass, so a
+    request held here has been admitted and prefilled. Wraps `runtime.artifacts.run`."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._open = threading.Event()
+        self._open.set()
+        self.holding = threading.Event()  # a decode call has waited at the gate since it was last closed
+        run = runtime.artifacts.run
+
+        def gated_run(spec, inputs):
+            if spec.kind == "decode" and not self._open.is_set():
+                self.holding.set()
+                self._open.wait()
+            return run(spec, inputs)
+
+        runtime.artifacts.run = gated_run
+
+    def close(self) -> None:
+        self.holding.clear()
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+    @contextmanager
+    def closed(self) -> Iterator[None]:
+        """Closed for the block and open after it, however it ends (a server shutting down waits for its worker)."""
+        self.close()
+        try:
+            yield
+        finally:
+            self.open()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,17 +100,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(artifacts: Path, log_dir: Path, *flags: str) -> Iterator[Server]:
-    """`mindvl serve ARTIFACTS --port P FLAGS…` until /health answers; SIGTERM (then SIGKILL) on exit."""
+def running_server(artifacts: Path, log_dir: Path, *flags: str,
+                   python: Sequence[str] = ("-m", "mindvl")) -> Iterator[Server]:
+    """`python -m mindvl serve ARTIFACTS --port P FLAGS…` until /health answers; SIGTERM (then SIGKILL) on exit.
+    `python`: the interpreter's arguments before `serve`, for a script that runs the command line its own way."""
     port = free_port()
     log = log_dir / f"serve-{port}.log"
     env = {k: v for k, v in os.environ.items() if k != "MINDVL_API_KEY"}
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "mindvl", "serve", str(artifacts), "--port", str(port),
-                                    *flags], stdout=out, stderr=subprocess.STDOUT, env={**env, "GLOG_v": "3"})
+        process = subprocess.Popen([sys.executable, *python, "serve", str(artifacts), "--port", str(port), *flags],
+                                   stdout=out, stderr=subprocess.STDOUT, env={**env, "GLOG_v": "3"})
     key = flags[flags.index("--api-key") + 1] if "--api-key" in flags else None
-    server = Server(f"http://127.0.0.1:{port}", port, process, log, Path(artifacts).resolve().name,
-                    {"Authorization": f"Bearer {key}"} if key else {})
+    server = Server(url=f"http://127.0.0.1:{port}", port=port, model=Path(artifacts).resolve().name,
+                    headers={"Authorization": f"Bearer {key}"} if key else {}, process=process, log=log)
     try:
         wait_until_healthy(server)
         yield server
@@ -69,11 +121,15 @@ def running_server(artifacts: Path, log_dir: Path, *flags: str) -> Iterator[Serv
 
 
 @contextmanager
-def in_process_server(app: object) -> Iterator[str]:
-    """An ASGI app under uvicorn in a thread of this process, on a free loopback port, for tests that reach into
-    the runtime it serves (to inject faults); yields its base URL. Shut down (lifespan included) on exit."""
+def in_process_server(runtime: Runtime, **settings) -> Iterator[Endpoint]:
+    """`mindvl serve`'s app over `runtime` under uvicorn in a thread of this process, on a free loopback port, for
+    tests that reach into the runtime (to hold its decode steps, to inject faults). `settings` override Settings'
+    (model "in-process", no media folder). Shut down (lifespan included) on exit."""
+    settings = Settings(**{"model_name": "in-process", "media": MediaPolicy(None, 4096 * 4096, False, 2**20, 30),
+                           **settings})
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(runtime, settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
     try:
@@ -81,10 +137,19 @@ def in_process_server(app: object) -> Iterator[str]:
         while not server.started:
             assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
             time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
+        yield Endpoint(f"http://127.0.0.1:{port}", port, settings.model_name,
+                       {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {})
     finally:
         server.should_exit = True
         thread.join(60)
+
+
+def wait_for(condition: Callable[[], bool], within: float = 120) -> None:
+    """Until `condition()` holds: a state of the server the test waits on (`within` seconds only bound a failure)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the server did not get there in time"
+        time.sleep(0.02)
 
 
 def wait_until_healthy(server: Server, within: float = 180) -> None:

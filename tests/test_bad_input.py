@@ -14,13 +14,13 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import PIL.ImageFile
 import pytest
 from media import png_header_only, sample_image, write_sample_video
+from safetensors.numpy import load_file, save_file
 
 from mindvl.apps.cli import main
 from mindvl.shapes.manifest import file_sha256
@@ -279,8 +279,41 @@ def manifest_negative_graph_dimension(model, art, tmp):
             "--verify"]
 
 
+def graph_named(manifest: dict, name: str) -> dict:
+    return next(g for g in manifest["graphs"] if g["name"] == name)
+
+
+def manifest_graph_input_of_another_shape(model, art, tmp):  # the runtime feeds what its bucket makes: refused
+    edit = lambda m: graph_named(m, "prefill_b1_s64_c256")["inputs"][3]["shape"].__setitem__(2, 512)  # noqa: E731
+    return generate(edit_manifest(art, tmp, edit))
+
+
+def manifest_graph_input_renamed(model, art, tmp):
+    return generate(edit_manifest(art, tmp, lambda m: graph_named(m, "decode_b1_c256")["inputs"][0].update(
+        name="inputs_embeds")))
+
+
+def manifest_without_a_graph_its_buckets_need(model, art, tmp):
+    def edit(m):
+        m["graphs"].remove(graph_named(m, "prefill_b1_s64_c256"))
+        del m["files"]["graphs/prefill_b1_s64_c256.mindir"]
+
+    copy = edit_manifest(art, tmp, edit)
+    (copy / "graphs" / "prefill_b1_s64_c256.mindir").unlink()
+    return generate(copy)
+
+
 def manifest_weight_group_shortened(model, art, tmp):  # valid JSON, but the graphs take one weight more
     return generate(edit_manifest(art, tmp, lambda m: m["weights"]["groups"]["text"].pop()))
+
+
+def manifest_same_shaped_weights_swapped(model, art, tmp):  # types, sizes and hashes all check out
+    def swap(m):
+        group = m["weights"]["groups"]["text"]
+        names = [entry["name"] for entry in group]
+        i, j = names.index("text.layers.0.input_norm.weight"), names.index("text.layers.0.post_attention_norm.weight")
+        group[i], group[j] = group[j], group[i]
+    return generate(edit_manifest(art, tmp, swap))
 
 
 def manifest_graph_not_in_files(model, art, tmp):  # the graph would be loaded without a hash to check it against
@@ -353,6 +386,10 @@ def weights_overflowing_shape(model, art, tmp):  # (2**62 + 16) * 4 elements wra
     return generate(edit_weights_header(art, tmp, lambda h: h["text.norm.weight"].update(shape=[2**62 + 16, 4])))
 
 
+def weights_tensor_of_other_shape(model, art, tmp):  # the same bytes read as [8, 8]: only the declaration can tell
+    return generate(edit_weights_header(art, tmp, lambda h: h["text.norm.weight"].update(shape=[8, 8])))
+
+
 def cache_bucket_too_large(model, art, tmp):  # needs 2.5e14 bytes of KV cache, refused even before a short prompt
     return generate(edit_manifest(art, tmp, lambda m: m["buckets"].update(cache=[256, 10**12])))
 
@@ -415,6 +452,14 @@ def export_force_onto_symlink(model, art, tmp):
     return ["export", str(model), "-o", str(tmp / "link"), "--preset", "tiny", "--force"]
 
 
+def export_checkpoint_tensor_of_wrong_shape(model, art, tmp):
+    copy = Path(shutil.copytree(model, tmp / "model"))
+    tensors = load_file(copy / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"] = np.zeros((96, 64), np.float32)
+    save_file(tensors, copy / "model.safetensors")
+    return ["export", str(copy), "-o", str(tmp / "out"), "--preset", "tiny"]
+
+
 # case -> patterns the one-line error must contain: the problem, then the fix
 BAD_INPUT = {
     corrupt_image: [r"noise\.png: not an image", "convert it to PNG or JPEG"],
@@ -449,7 +494,7 @@ BAD_INPUT = {
     tampered_graph_verify: [r"graphs/vision_224x224\.mindir .* does not match its sha256", "re-export"],
     truncated_weights: [r"weights\.safetensors .* does not match", "re-export"],
     tampered_weights: [r"weights\.safetensors does not match its recorded sha256", "re-export"],
-    other_format_version: ["version 99; this mindvl reads 'mindvl-artifacts' version 1", "re-export with this mindvl"],
+    other_format_version: ["version 99; this mindvl reads 'mindvl-artifacts' version 2", "re-export with this mindvl"],
     other_format_version_verify: ["version 99; this mindvl reads", "re-export with this mindvl"],
     corrupt_manifest: [r"manifest\.json is corrupt", "re-export"],
     other_mindspore_major: [r"exported with MindSpore 1\.10\.1; this is MindSpore 2\.",
@@ -465,8 +510,19 @@ BAD_INPUT = {
     manifest_graph_inputs_a_string: [r"manifest\.json: graphs\[0\]\.inputs is 'patches', not a list", "re-export"],
     manifest_negative_graph_dimension: [r"manifest\.json: graphs\[5\]\.inputs\[0\]\.shape\[1\] is -64, not an "
                                         r"integer >= 0", "re-export"],
-    manifest_weight_group_shortened: [r"graphs/prefill_b1_s64_c256\.mindir refuses the inputs manifest\.json makes "
-                                      r"for it \(.+\): its model config or weight groups may not match", "re-export"],
+    manifest_graph_input_of_another_shape: [r"graphs/prefill_b1_s64_c256\.mindir takes mask as \[1, 64, 512\] "
+                                            r"\(manifest\.json\), and this mindvl feeds \[1, 64, 256\]",
+                                            "re-export the artifacts"],
+    manifest_graph_input_renamed: [r"graphs/decode_b1_c256\.mindir takes an input 'inputs_embeds' \(manifest\.json\) "
+                                   "that this mindvl does not feed", "re-export"],
+    manifest_without_a_graph_its_buckets_need: [r"manifest\.json declares no prefill graph for batch 1, seq 64, "
+                                                "cache 256", "re-export the artifacts"],
+    manifest_weight_group_shortened: [r"manifest\.json: weights\.groups\.text\[25\] holds no weight, but the model "
+                                      r"config declares 'text\.lm_head\.weight' \[320, 64\] float32", "re-export"],
+    manifest_same_shaped_weights_swapped: [r"manifest\.json: weights\.groups\.text\[0\] holds "
+                                           r"'text\.layers\.0\.post_attention_norm\.weight' \[64\] float32 "
+                                           r"replicated, but the model config declares "
+                                           r"'text\.layers\.0\.input_norm\.weight' \[64\]", "re-export"],
     manifest_graph_not_in_files: [r"graphs\[5\]\.file 'graphs/prefill_b1_s64_c256\.mindir' is not listed in files",
                                   "read unverified", "re-export"],
     manifest_a_list: [r"manifest\.json holds \[1, 2\], not a JSON object", "re-export"],
@@ -487,6 +543,8 @@ BAD_INPUT = {
                                   r"and 'text\.(norm|embed)\.weight' overlap", "re-export"],
     weights_overflowing_shape: [r"weights\.safetensors is truncated or corrupt: tensor 'text\.norm\.weight' of shape "
                                 r"\[4611686018427387920, 4\] F32 does not fill its data_offsets", "re-export"],
+    weights_tensor_of_other_shape: [r"weights\.safetensors: tensor 'text\.norm\.weight' is \[8, 8\], not \[64\] as "
+                                    r"manifest\.json declares", "re-export"],
     cache_bucket_too_large: [r"the KV cache of bucket batch 1 × cache 1000000000000 needs \d+ bytes \(\d+ GiB\), more "
                              r"than this machine's \d+ GiB of memory", "re-export with smaller cache or batch buckets"],
     folder_does_not_exist: ["nowhere does not exist", "check the path", "mindvl export MODEL_DIR -o"],
@@ -502,6 +560,9 @@ BAD_INPUT = {
     export_force_onto_symlink: ["link is a symbolic link: export replaces folders, never links",
                                 "choose another -o folder"],
     export_unknown_preset: ["unknown bucket preset 'huge'", "known presets: .*tiny"],
+    export_checkpoint_tensor_of_wrong_shape: [r"tensor model\.layers\.0\.mlp\.up_proj\.weight in model\.safetensors "
+                                              r"has shape \[96, 64\] but config\.json implies \[128, 64\]",
+                                              "re-download it, or use its own config.json"],
     export_without_preprocessor_config: [r"preprocessor_config\.json is missing", "copy it from the original"],
 }
 
@@ -533,24 +594,41 @@ def test_bomb_is_refused_from_its_header_without_decoding(built, tmp_path, capsy
 def test_killed_export_leaves_no_folder_that_looks_complete(built, tmp_path, capsys):
     """SIGKILL an export midway: the target never appears, `generate` says why in one line, and the next export
     into the same folder removes what the killed one left."""
+    # `mindvl export` that, once its third graph is written, says so and stops itself (SIGSTOP) until it is killed:
+    # the package has no test hooks, so the child wraps the exporter's per-graph step.
+    stops_after_three_graphs = """
+import itertools, os, signal, sys
+from mindvl.apps.cli import main
+from mindvl.export import exporter
+
+export_graph, graphs = exporter._export_graph, itertools.count(1)
+
+
+def export_graph_then_stop(*args):
+    export_graph(*args)
+    if next(graphs) == 3:
+        print("three graphs written", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+exporter._export_graph = export_graph_then_stop
+sys.exit(main(sys.argv[1:]))
+"""
     model, _ = built
     out = tmp_path / "out"
-    export = subprocess.Popen([sys.executable, "-m", "mindvl", "export", str(model), "-o", str(out),
-                               "--preset", "tiny"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    export = subprocess.Popen([sys.executable, "-c", stops_after_three_graphs, "export", str(model), "-o", str(out),
+                               "--preset", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while len(list(tmp_path.glob(".out.partial-*/graphs/*.mindir"))) < 3:
-            assert export.poll() is None, "the export ended before it could be killed"
-            assert time.monotonic() < deadline, "the export wrote no graphs in 120 s"
-            time.sleep(0.05)
+        assert export.stdout.readline() == "three graphs written\n", "the export ended before its third graph"
         export.send_signal(signal.SIGKILL)
     finally:
         export.kill()
         export.wait(timeout=60)
+        export.stdout.close()
     assert export.returncode == -signal.SIGKILL
     assert not out.exists() or not (out / "manifest.json").exists()
     leftovers = list(tmp_path.glob(".out.partial-*"))
-    assert len(leftovers) == 1
+    assert len(leftovers) == 1 and len(list(leftovers[0].glob("graphs/*.mindir"))) == 3  # killed midway
 
     assert_one_line_error(main(generate(out)), *capsys.readouterr(), "out does not exist, so it has no manifest.json",
                           "an export into it did not finish", r"delete its leftover .*\.out\.partial-",

@@ -5,11 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mindvl.bench.benchmark import decode_bytes
 from mindvl.apps.cli import main
+from mindvl.bench.benchmark import decode_bytes
 from mindvl.shapes.config import ModelConfig
-from mindvl.testing.architectures import HUB_CONFIGS
 from mindvl.shapes.manifest import Manifest
+from mindvl.testing.architectures import HUB_CONFIGS
 
 KEYS = {"mode", "load_s", "cold_start_s", "warmup_s", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_p50",
         "decode_ms_p90", "tokens_per_s", "peak_rss_bytes", "decode_vs_roofline", "decode_steps"}

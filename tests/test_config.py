@@ -59,3 +59,29 @@ def test_read_config_errors_name_the_file(tmp_path):
         read_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(HUB_CONFIGS["7B"]))
     assert read_config(tmp_path).text.hidden_size == 3584
+
+
+def activations(text: str, vision: str) -> dict:
+    """The published 2B config.json, naming these activations."""
+    hub = HUB_CONFIGS["2B"]
+    return {**hub, "hidden_act": text, "vision_config": {**hub["vision_config"], "hidden_act": vision}}
+
+
+@pytest.mark.parametrize("config, refusal", [
+    (activations("gelu", "quick_gelu"), "hidden_act 'gelu' is not supported: mindvl's text decoder computes 'silu'"),
+    (activations("silu", "gelu_pytorch_tanh"), "vision_config.hidden_act 'gelu_pytorch_tanh' is not supported: "
+                                               "mindvl's vision encoder computes 'quick_gelu'"),
+], ids=["text", "vision"])
+def test_an_activation_the_cells_do_not_compute_is_refused(config, refusal):
+    for layout in (config, nested_layout(config)):
+        with pytest.raises(UnsupportedError) as refused:
+            ModelConfig.from_hf(layout)
+        message = str(refused.value)
+        assert message.startswith(f"config.json: {refusal}") and "use a Qwen2-VL checkpoint" in message
+        assert "\n" not in message
+
+
+def test_the_activations_the_cells_compute_are_accepted():
+    # The hub's vision_config names no activation: transformers' default, quick_gelu, is meant.
+    assert "hidden_act" not in HUB_CONFIGS["2B"]["vision_config"]
+    assert ModelConfig.from_hf(activations("silu", "quick_gelu")) == ModelConfig.from_hf(HUB_CONFIGS["2B"])

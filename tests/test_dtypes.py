@@ -1,4 +1,5 @@
-"""float16 runs on CPU in both modes; bfloat16 loads but is refused on CPU; bad dtype or mode names."""
+"""float16 runs on CPU in both modes and through export; bfloat16 loads but is refused on CPU; bad dtype or mode
+names."""
 
 import functools
 
@@ -8,7 +9,10 @@ from media import PROMPTS
 from reference import hf_inputs
 
 from mindvl.errors import UnsupportedError
+from mindvl.export import export_artifacts
 from mindvl.qwen2vl import load
+from mindvl.runtime import Runtime
+from mindvl.shapes.buckets import BucketSpec
 
 
 @functools.cache
@@ -29,6 +33,23 @@ def test_float16_graph_and_pynative(model_dir):
     # The fixture's logits are large (std ~48); float16 keeps ~3 significant digits of them.
     assert np.abs(graph - fp32).max() <= 0.05 * np.abs(fp32).max()
     assert (graph.argmax(-1) == fp32.argmax(-1)).mean() >= 0.95
+
+
+def test_float16_export_gives_float32_logits_within_float16_rounding(model_dir, tmp_path):
+    spec = BucketSpec.from_dict({"batch": [1], "prefill": [128], "cache": [256]})
+    export_artifacts(model_dir, tmp_path / "fp16", spec, dtype="float16", log=lambda line: None)
+    runtime, text = Runtime.load(tmp_path / "fp16"), PROMPTS["text"]["text"]
+    out = runtime.generate(text, max_new_tokens=16, keep_logits=True)
+    assert len(out.logits) == 16  # the prefill's logits, then 15 decode steps' through the float16 KV cache
+    # float32's logits at each step for the same tokens, from one forward over the prompt and what was generated.
+    prompt = runtime.processor.prepare(text).model_inputs()["input_ids"]
+    full = load(model_dir).logits(np.concatenate([prompt, [out.token_ids[:-1]]], axis=1))[0, prompt.shape[1] - 1:]
+    for step, (logits, expected) in enumerate(zip(out.logits, full, strict=True)):
+        # float16 keeps ~3 significant digits of these large logits (max ~200, where one float16 ulp is 0.125):
+        # measured within 0.9% of the largest at every step.
+        err, scale = np.abs(logits - expected).max(), np.abs(expected).max()
+        assert err <= 2e-2 * scale, f"step {step}: max|Δ| {err:.3g} > 2e-2 × max|logit| {scale:.3g}"
+    assert out.token_ids[0] == full[0].argmax()  # float32's top-2 margin there is ~13 logits
 
 
 def test_bfloat16_loads_and_is_refused_on_cpu(model_dir):

@@ -9,20 +9,15 @@ choosing which request fails where; the server runs over that runtime in a threa
 import dataclasses
 import json
 import threading
-import time
-from contextlib import contextmanager
-from typing import Iterator
 
 import httpx
 import numpy as np
 import pytest
-from serve_helpers import in_process_server
+from serve_helpers import DecodeGate, in_process_server, wait_for
 
 from mindvl.runtime import Runtime
 from mindvl.runtime.batch import Batch
 from mindvl.runtime.sampling import Sampling
-from mindvl.serve.app import Settings, create_app
-from mindvl.serve.media import MediaPolicy
 
 ADMIT, PREFILL, DECODE, SAMPLER = 1001, 1002, 1003, 1004  # seeds of the requests that fail, and where
 NORMAL = {"Write a short poem about the sea.": 60, "Name three colours.": 40}
@@ -31,12 +26,11 @@ NORMAL = {"Write a short poem about the sea.": 60, "Name three colours.": 40}
 class Faults:
     """The runtime with faults by seed: ADMIT raises while the request is admitted; PREFILL's prompt is NaN, which
     the graph call (a stand-in for a device fault) refuses; DECODE's third token is an id no embedding has, so its
-    next decode step cannot be built; SAMPLER's sampler raises at its third token. While `gate` is clear, decode
-    calls wait for it (the worker is stuck)."""
+    next decode step cannot be built; SAMPLER's sampler raises at its third token. While `gate` is closed, decode
+    calls wait at it (the worker is stuck)."""
 
     def __init__(self, runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.gate, self.decode_waiting = threading.Event(), threading.Event()
-        self.gate.set()
+        self.gate = DecodeGate(runtime)
         new_generation, run = runtime.new_generation, runtime.artifacts.run
 
         def faulty_generation(prompt, max_new_tokens, sampling, keep_logits=False):
@@ -50,9 +44,6 @@ class Faults:
             return generation
 
         def faulty_run(spec, inputs):
-            if spec.name.startswith("decode") and not self.gate.is_set():
-                self.decode_waiting.set()
-                self.gate.wait()
             if np.isnan(inputs["embeds"]).any():
                 raise RuntimeError("injected device fault")
             return run(spec, inputs)
@@ -88,7 +79,7 @@ def singles(runtime):
 
 def test_a_fault_in_one_row_of_a_batch_fails_that_row_alone(runtime, singles, monkeypatch):
     Faults(runtime, monkeypatch)
-    batch = Batch(runtime.artifacts, 4, 256, runtime.buckets.prefill)
+    batch = Batch(runtime.artifacts, 4, 256)
     prompts = {text: runtime.encode(runtime.processor.prepare(text)) for text in NORMAL}
 
     def generation(text, seed=None):
@@ -125,55 +116,32 @@ def stream(url: str, body: dict, out: dict, first_piece: threading.Event | None 
                     first_piece.set()
 
 
-def metric(url: str, name: str) -> float:
-    line = next(line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith(name + " "))
-    return float(line.split()[1])
-
-
-def wait_for(condition, within: float = 120) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "the server did not get there in time"
-        time.sleep(0.02)
-
-
-@contextmanager
-def serving(runtime: Runtime, faults: Faults, **settings) -> Iterator[str]:
-    app = create_app(runtime, Settings(model_name="faulty", media=MediaPolicy(None, 4096 * 4096, False, 2**20, 30),
-                                       **settings))
-    with in_process_server(app) as url:
-        try:
-            yield url
-        finally:
-            faults.gate.set()  # however the test ends: shutting the server down waits for the worker
-
-
 def test_a_fault_in_one_request_fails_it_alone_while_the_others_stream(runtime, singles, monkeypatch):
     faults = Faults(runtime, monkeypatch)
     poem, colours = NORMAL
     replies = {name: {} for name in ("poem", "colours", ADMIT, PREFILL, DECODE, SAMPLER)}
-    with serving(runtime, faults) as url:
+    with in_process_server(runtime, model_name="faulty") as server:
         def body(text, seed=None):
             return {"model": "faulty", "messages": [{"role": "user", "content": text}], "max_tokens": NORMAL[text],
                     "seed": seed}
 
         def admit():
-            replies[ADMIT]["reply"] = httpx.post(f"{url}/v1/chat/completions", json=body(colours, ADMIT), timeout=300)
+            replies[ADMIT]["reply"] = httpx.post(f"{server.url}/v1/chat/completions", json=body(colours, ADMIT),
+                                                 timeout=300)
 
         # The poem prefills, then the worker waits in its first decode step while every other request queues,
         # so they all join the batch next to the streaming poem when the gate opens.
-        faults.gate.clear()
-        clients = [threading.Thread(target=stream, args=(url, body(poem), replies["poem"]))]
-        clients[0].start()
-        assert faults.decode_waiting.wait(120)
-        clients += [threading.Thread(target=stream, args=(url, body(colours), replies["colours"])),
-                    threading.Thread(target=admit)]
-        clients += [threading.Thread(target=stream, args=(url, body(text, seed), replies[seed]))
-                    for text, seed in ((poem, PREFILL), (colours, DECODE), (poem, SAMPLER))]
-        for client in clients[1:]:
-            client.start()
-        wait_for(lambda: metric(url, "mindvl_queue_depth") == 5)
-        faults.gate.set()
+        with faults.gate.closed():
+            clients = [threading.Thread(target=stream, args=(server.url, body(poem), replies["poem"]))]
+            clients[0].start()
+            assert faults.gate.holding.wait(120)
+            clients += [threading.Thread(target=stream, args=(server.url, body(colours), replies["colours"])),
+                        threading.Thread(target=admit)]
+            clients += [threading.Thread(target=stream, args=(server.url, body(text, seed), replies[seed]))
+                        for text, seed in ((poem, PREFILL), (colours, DECODE), (poem, SAMPLER))]
+            for client in clients[1:]:
+                client.start()
+            wait_for(lambda: server.metric("mindvl_queue_depth") == 5)
         for client in clients:
             client.join(300)
 
@@ -183,26 +151,26 @@ def test_a_fault_in_one_request_fails_it_alone_while_the_others_stream(runtime, 
         for seed in (PREFILL, DECODE, SAMPLER):
             errors = [e["error"] for e in replies[seed]["events"] if "error" in e]
             assert len(errors) == 1 and errors[0]["message"].startswith("generation failed inside the server")
-        assert metric(url, "mindvl_worker_failures_total") == 4
-        assert httpx.get(f"{url}/health").json() == {"status": "ok", "model": "faulty", "queue_depth": 0,
-                                                    "running": 0}
+        assert server.metric("mindvl_worker_failures_total") == 4
+        assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "model": "faulty", "queue_depth": 0,
+                                                           "running": 0}
 
 
 def test_health_fails_while_the_worker_makes_no_progress(runtime, singles, monkeypatch):
     faults = Faults(runtime, monkeypatch)
     poem = next(iter(NORMAL))
-    with serving(runtime, faults, stall_timeout=0.5) as url:
-        assert httpx.get(f"{url}/health").status_code == 200  # idle is not stuck, however long
-        faults.gate.clear()
+    with in_process_server(runtime, model_name="faulty", stall_timeout=0.5) as server:
+        health = f"{server.url}/health"
+        assert httpx.get(health).status_code == 200  # idle is not stuck, however long
         reply = {}
-        client = threading.Thread(target=stream, args=(url, {"model": "faulty", "max_tokens": NORMAL[poem],
+        client = threading.Thread(target=stream, args=(server.url, {"model": "faulty", "max_tokens": NORMAL[poem],
                                   "messages": [{"role": "user", "content": poem}]}, reply))
-        client.start()
-        assert faults.decode_waiting.wait(120)
-        wait_for(lambda: httpx.get(f"{url}/health").status_code == 503)
-        message = httpx.get(f"{url}/health").json()["error"]["message"]
-        assert "made no progress for" in message and "1 requests waiting" in message
-        faults.gate.set()
+        with faults.gate.closed():
+            client.start()
+            assert faults.gate.holding.wait(120)
+            wait_for(lambda: httpx.get(health).status_code == 503)
+            message = httpx.get(health).json()["error"]["message"]
+            assert "made no progress for" in message and "1 requests waiting" in message
         client.join(300)
         assert reply["text"] == singles[poem]
-        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(health).status_code == 200

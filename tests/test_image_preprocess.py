@@ -7,13 +7,13 @@ import struct
 import zlib
 from dataclasses import asdict
 
+import media
 import numpy as np
 import pytest
 from PIL import Image
 from transformers import Qwen2VLImageProcessor
 from transformers.image_utils import load_image as hf_load_image
 
-import media
 from mindvl.errors import CheckpointError, MediaError
 from mindvl.shapes.image import ProcessorConfig, load_image, preprocess_images
 

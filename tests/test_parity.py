@@ -3,6 +3,10 @@
 Tolerances (float32): logits max|Δ| ≤ 1e-4 × max|logit|, argmax equal at every position; the vision encoder
 within the same relative bound; greedy tokens identical while the reference's top-2 margin stays > 1e-3.
 Inputs come from transformers' own processor, so this isolates the model from our preprocessing.
+
+Three random checkpoints: `tiny` (head_dim 16, GQA 2, M-RoPE [2, 3, 3]), `tiny-gqa3` (head_dim 32, GQA 3, tied
+embeddings, [4, 6, 6]) and `real-dims`, the published head sizes: text head_dim 128 with [16, 24, 24] and vision
+head_dim 80 (embed 1280, 16 heads), in one decoder layer and one vision block.
 """
 
 import functools
@@ -14,7 +18,7 @@ from reference import hf_greedy, hf_inputs, hf_logits, hf_vision
 
 from mindvl.qwen2vl import load
 
-PRESETS = ("tiny", "tiny-gqa3")
+PRESETS = ("tiny", "tiny-gqa3", "real-dims")
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 

@@ -38,10 +38,10 @@ def test_runtime_in_a_fresh_process_matches_transformers(exported, preset, tmp_p
     requests = {}
     for name, r in REQUESTS.items():
         images = [tmp_path / f"{name}_{i}.png" for i in range(len(r.get("images", [])))]
-        for path, image in zip(images, r.get("images", [])):
+        for path, image in zip(images, r.get("images", []), strict=True):
             image.save(path)
         videos = [tmp_path / f"{name}_{i}.npy" for i in range(len(r.get("videos", [])))]
-        for path, frames in zip(videos, r.get("videos", [])):
+        for path, frames in zip(videos, r.get("videos", []), strict=True):
             np.save(path, frames)
         requests[name] = {"text": r["text"], "images": [str(p) for p in images], "videos": [str(p) for p in videos],
                           "max_new_tokens": NEW_TOKENS}

@@ -9,6 +9,7 @@ import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import httpx
 import openai
 import pytest
 from media import sample_image, write_sample_video
-from serve_helpers import free_port, running_server, stop, user_message
+from serve_helpers import free_port, running_server, stop, user_message, wait_for
 
 from mindvl.runtime import Runtime
 
@@ -195,13 +196,50 @@ def test_remote_images_are_fetched_when_allowed(client, server, media):
         files.shutdown()
 
 
+# `mindvl serve` whose decode steps wait at a closed gate (serve_helpers.DecodeGate) until the process gets SIGUSR1.
+GATED_SERVE = f"""
+import signal, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from serve_helpers import DecodeGate
+from mindvl.apps.cli import main
+from mindvl.runtime import Runtime
+
+load = Runtime.load
+
+
+def load_gated(*args, **kwargs):
+    runtime = load(*args, **kwargs)
+    gate = DecodeGate(runtime)
+    gate.close()
+    signal.signal(signal.SIGUSR1, lambda *_: gate.open())
+    return runtime
+
+
+Runtime.load = load_gated
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def stopped_listening(server) -> bool:
+    assert server.process.poll() is None, "the server exited with the stream unfinished"
+    try:
+        socket.create_connection(("127.0.0.1", server.port), timeout=10).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def test_sigterm_lets_the_stream_in_flight_finish(exported, tmp_path):
-    with running_server(exported("tiny")[1], tmp_path) as server:
+    # The stream's decode steps wait for SIGUSR1, sent once SIGTERM has closed the server's socket: the stream is
+    # still generating while the server shuts down, however fast the machine.
+    with running_server(exported("tiny")[1], tmp_path, python=("-c", GATED_SERVE)) as server:
         body = {"model": server.model, "messages": user_message("Hi."), "max_tokens": 200, "stream": True}
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
             os.kill(server.process.pid, signal.SIGTERM)
+            wait_for(lambda: stopped_listening(server))  # it is shutting down
+            os.kill(server.process.pid, signal.SIGUSR1)
             events = [line.removeprefix("data: ") for line in lines if line]
         assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
         # uvicorn re-raises the signal once it has shut down, so the exit status is the signal's.
@@ -212,7 +250,12 @@ def test_sigterm_lets_the_stream_in_flight_finish(exported, tmp_path):
             httpx.get(f"{server.url}/health")
 
 
-def test_the_runtime_does_not_import_the_server_stack():
-    check = "import sys, mindvl.runtime; print(sorted({'fastapi', 'uvicorn', 'starlette'} & set(sys.modules)))"
+@pytest.mark.parametrize("modules, foreign", [
+    ("mindvl.runtime", "fastapi uvicorn starlette torch transformers"),
+    ("mindvl.serve, mindvl.export, mindvl.apps.cli", "torch transformers"),
+])
+def test_the_runtime_and_the_tools_do_not_import_what_they_do_not_need(modules, foreign):
+    # torch and transformers are the tests' reference (and the `transformers` mode of mindvl bench), nothing else's.
+    check = f"import sys, {modules}; print(sorted(set({foreign.split()!r}) & set(sys.modules)))"
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr
+    assert run.returncode == 0 and run.stdout.strip() == "[]", (run.stdout, run.stderr)

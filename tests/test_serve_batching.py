@@ -62,7 +62,7 @@ def run_to_end(batch):
 
 
 def test_a_full_batch_answers_as_each_request_alone(runtime, media, singles):
-    batch = Batch(runtime.artifacts, 4, 512, runtime.buckets.prefill)
+    batch = Batch(runtime.artifacts, 4, 512)
     generations = [generation(runtime, media, i) for i in range(4)]
     batch.add(generations)
     run_to_end(batch)
@@ -71,7 +71,7 @@ def test_a_full_batch_answers_as_each_request_alone(runtime, media, singles):
 
 
 def test_requests_join_and_leave_a_running_batch(runtime, media, singles):
-    batch = Batch(runtime.artifacts, 4, 512, runtime.buckets.prefill)
+    batch = Batch(runtime.artifacts, 4, 512)
     first = [generation(runtime, media, i) for i in (0, 1)]
     batch.add(first)
     for _ in range(3):

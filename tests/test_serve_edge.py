@@ -8,8 +8,8 @@ the mindvl server may reach 127.0.0.2 only, and only when told so with --allow-m
 
 import contextlib
 import http.server
-import ipaddress
 import io
+import ipaddress
 import re
 import socket
 import threading

@@ -4,6 +4,9 @@ whose one-line message names the problem and the fix, and the next normal reques
 The server runs with an API key, a media folder (holding a symlink that points out of it, a text file named like
 a video, and a file larger than the server reads), a 1 MB body limit, a 20 KB media file limit, a 2 s request
 timeout and at most 2 requests in flight. No error message may show a path of the server's disk.
+
+Clients that leave, and requests past the limit, meet the same app served in the test's process, whose decode steps
+wait at a gate the test opens: a generation cannot end before the client has acted, however fast the machine.
 """
 
 import contextlib
@@ -11,12 +14,11 @@ import io
 import json
 import re
 import socket
-import time
 
 import httpx
 import pytest
 from media import b64, png_bomb, png_header_only, sample_image
-from serve_helpers import running_server, user_message
+from serve_helpers import DecodeGate, in_process_server, running_server, user_message, wait_for
 
 from mindvl.runtime import Runtime
 
@@ -365,11 +367,14 @@ def test_hostile_request_gets_its_status_and_a_one_line_error(server, media, nor
     assert_served_normally(server, normal_answer)
 
 
-def wait_for(condition, within: float = 60) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "the server did not get there in time"
-        time.sleep(0.05)
+@pytest.fixture(scope="module")
+def gated(exported):
+    """The same artifacts served in this process (API key, at most 2 requests in flight) over a runtime whose decode
+    steps wait while its gate is closed: a generation held there cannot end before the client has acted."""
+    runtime = Runtime.load(exported("tiny")[1])
+    gate = DecodeGate(runtime)
+    with in_process_server(runtime, api_key=KEY, max_concurrency=2) as server:
+        yield server, gate
 
 
 def dropped(server, cancelled_before: float) -> bool:
@@ -378,33 +383,42 @@ def dropped(server, cancelled_before: float) -> bool:
         cancelled_before + 1, 0)
 
 
-def test_client_leaving_mid_stream_stops_its_generation(server, normal_answer):
+def test_client_leaving_mid_stream_stops_its_generation(gated, normal_answer):
+    server, gate = gated
     cancelled = server.metric("mindvl_cancelled_total")
-    body = chat(server, max_tokens=440, stream=True)
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:
-        next(line for line in response.iter_lines() if '"content": "' in line and '"role"' not in line)
+    with gate.closed():
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=chat(server, max_tokens=64, stream=True),
+                          headers=server.headers, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # the stream has begun (kept open: `lines` is not closed yet)
+            assert gate.holding.wait(120)  # generating: admitted, prefilled, held in its first decode step
+        wait_for(lambda: server.metric("mindvl_requests_in_flight") == 0)  # the server has seen the client leave
+    # The held step ends with 62 of the 64 tokens to go: the next step must drop the request.
     wait_for(lambda: dropped(server, cancelled))
     assert_served_normally(server, normal_answer)
 
 
-def test_client_leaving_before_a_plain_answer_stops_its_generation(server, normal_answer):
+def test_client_leaving_before_a_plain_answer_stops_its_generation(gated, normal_answer):
+    server, gate = gated
     cancelled = server.metric("mindvl_cancelled_total")
-    body = httpx.Request("POST", "http://x", json=chat(server, max_tokens=440)).content
-    with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (KEY.encode(), len(body), body))
-        wait_for(lambda: server.metric("mindvl_running_sequences") == 1)
+    body = httpx.Request("POST", "http://x", json=chat(server, max_tokens=64)).content
+    with gate.closed():
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (KEY.encode(), len(body), body))
+            assert gate.holding.wait(120)  # generating: admitted, prefilled, held in its first decode step
+        wait_for(lambda: server.metric("mindvl_requests_in_flight") == 0)  # the server has seen the client leave
     wait_for(lambda: dropped(server, cancelled))
     assert_served_normally(server, normal_answer)
 
 
-def test_requests_past_the_limit_get_429_with_retry_after(server, normal_answer):
-    with contextlib.ExitStack() as held:
-        for _ in range(2):  # the server's --max-concurrency
+def test_requests_past_the_limit_get_429_with_retry_after(gated, normal_answer):
+    server, gate = gated
+    with gate.closed(), contextlib.ExitStack() as held:  # neither request can finish while the third arrives
+        for _ in range(2):  # the server's max_concurrency
             response = held.enter_context(httpx.stream(
-                "POST", f"{server.url}/v1/chat/completions", json=chat(server, max_tokens=440, stream=True),
-                headers={"Authorization": f"Bearer {KEY}"}, timeout=60))
+                "POST", f"{server.url}/v1/chat/completions", json=chat(server, max_tokens=64, stream=True),
+                headers=server.headers, timeout=60))
             lines = response.iter_lines()
             next(lines)  # its response has started, so it is in flight (kept open: `lines` is not closed yet)
             held.callback(lines.close)

@@ -24,7 +24,8 @@ MEMORY_BOUND_BYTES = 2 * 2**30
 HEALTH_SECONDS = 1.0
 HOSTILE_SECONDS = 20.0  # each hostile request's answer, with the machine busy serving the normal ones
 
-NORMAL = [("Write a short poem about the sea.", [], 40), ("Describe this image.", [sample_image(224, 224, seed=11)], 24),
+NORMAL = [("Write a short poem about the sea.", [], 40),
+          ("Describe this image.", [sample_image(224, 224, seed=11)], 24),
           ("Name three colours.", [], 32), ("Compare.", [sample_image(112, 112, seed=3)], 16)]
 
 
@@ -138,7 +139,7 @@ def test_hostile_requests_mixed_with_streams_hurt_none(batch4, singles, tmp_path
             watching.result()
 
         assert texts == [singles[i % len(NORMAL)] for i in range(12)]
-        for name, (status, seconds) in zip(names, answers):
+        for name, (status, seconds) in zip(names, answers, strict=True):
             assert status == (400 if name == "smuggled" else hostile[name][0]), name
             assert seconds < HOSTILE_SECONDS, (name, seconds)
         print(f"slowest /health {max(health):.3f} s of {len(health)}; slowest hostile answer "

@@ -3,9 +3,9 @@
 import numpy as np
 from media import sample_image
 
-from mindvl.testing.checkpoints import write_checkpoint
 from mindvl.qwen2vl import load
 from mindvl.shapes.image import ProcessorConfig, preprocess_images
+from mindvl.testing.checkpoints import write_checkpoint
 
 
 def test_2b_shapes_one_graph_forward(tmp_path):

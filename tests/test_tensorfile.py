@@ -26,7 +26,8 @@ def test_bf16_is_widened_bit_exactly(tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_written_files_read_back_with_the_safetensors_library(tmp_path, dtype):
     rng = np.random.default_rng(0)
-    tensors = {"b.weight": rng.standard_normal((3, 5)).astype(np.float32), "a": rng.standard_normal(7).astype(np.float32)}
+    tensors = {"b.weight": rng.standard_normal((3, 5)).astype(np.float32),
+               "a": rng.standard_normal(7).astype(np.float32)}
     write_safetensors(tmp_path / "w.safetensors", tensors, dtype)
     theirs = load_file(tmp_path / "w.safetensors")
     ours = read_safetensors(tmp_path / "w.safetensors", CheckpointError, "fix")

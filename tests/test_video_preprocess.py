@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import av
+import media
 import numpy as np
 import pytest
 from transformers import Qwen2VLImageProcessor
 
-import media
 from mindvl.errors import MediaError
 from mindvl.shapes.image import ProcessorConfig
 from mindvl.shapes.video import load_video, preprocess_video, sample_frame_indices

@@ -1,14 +1,26 @@
-"""The HF → cell name map and the safetensors loader (single, sharded, bf16, tied, corrupt)."""
+"""The weight declaration, the HF → cell name map built from it, and the safetensors loader (single, sharded,
+bf16, tied, corrupt)."""
 
 import json
+import math
+from dataclasses import replace
 
+import mindspore as ms
 import numpy as np
 import pytest
+from mindspore.common.initializer import Zero
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from mindvl.device import select_device
 from mindvl.errors import CheckpointError
-from mindvl.qwen2vl.weights import cell_name, expected_shapes, load_weights
+from mindvl.qwen2vl.text import TextStep
+from mindvl.qwen2vl.vision import VisionEncoder
+from mindvl.qwen2vl.weights import checkpoint_names, hub_name, load_weights
 from mindvl.shapes.config import ModelConfig
+from mindvl.shapes.graphs import text_graph, vision_graph
+from mindvl.shapes.weights import SPLITS, stored_weights, text_weights, vision_weights, weight_groups
+from mindvl.testing.architectures import FIXTURES, HUB_CONFIGS, hub_config
 
 CONFIG = {
     "model_type": "qwen2_vl", "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
@@ -41,7 +53,72 @@ CONFIG = {
     ("model.layers.0.self_attn.rotary_emb.inv_freq", None),
 ])
 def test_name_map(hf, ours):
-    assert cell_name(hf) == ours
+    names = checkpoint_names(ModelConfig.from_hf(HUB_CONFIGS["7B"]))  # untied, 28 layers, 32 vision blocks
+    assert names.get(hub_name(hf)) == ours
+
+
+CONFIGS = {**{name: hub_config(FIXTURES[name]) for name in ("tiny", "tiny-gqa3")}, **HUB_CONFIGS}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gqa3"])
+def test_name_map_covers_every_checkpoint_tensor_once(checkpoint, preset):
+    model_dir = checkpoint(preset)
+    with safe_open(model_dir / "model.safetensors", "np") as f:
+        tensors = set(f.keys())
+    cfg = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+    names = checkpoint_names(cfg)
+    assert set(names) == tensors
+    assert sorted(names.values()) == sorted(w.name for w in stored_weights(cfg))
+
+
+@pytest.mark.parametrize("arch", sorted(HUB_CONFIGS))
+def test_declaration_is_transformers_parameters(arch):
+    """Every parameter of transformers' model (built on the meta device: no memory) is one declared weight, of the
+    declared shape, through the name map; a tied LM head is the embedding table's."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        model = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(**HUB_CONFIGS[arch]))
+    cfg = ModelConfig.from_hf(HUB_CONFIGS[arch])
+    names, declared = checkpoint_names(cfg), {w.name: w.shape for w in stored_weights(cfg)}
+    found = {}
+    for hf, param in model.state_dict().items():
+        if hf == "lm_head.weight" and cfg.text.tie_word_embeddings:
+            continue
+        shape = tuple(param.shape)
+        found[names[hub_name(hf)]] = shape[:1] + (math.prod(shape[1:]),) if param.ndim == 5 else shape  # Conv3d
+    assert found == declared
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_cells_take_the_declared_weights(arch):
+    """The cells compile (shape inference only: abstract tensors, no memory) with every weight as declared, at the
+    published widths, cut to 2 blocks and 2 layers so that positions past the first layer are exercised."""
+    cfg = ModelConfig.from_hf(CONFIGS[arch])
+    cfg = replace(cfg, text=replace(cfg.text, num_hidden_layers=2), vision=replace(cfg.vision, depth=2))
+    groups = weight_groups(cfg)
+    select_device()  # as every caller of the cells does, before MindSpore's runtime starts
+    side = cfg.vision.patch_size * cfg.vision.spatial_merge_size
+
+    def abstract(shape, dtype="float32"):
+        return ms.Tensor(shape=shape, dtype=getattr(ms, dtype), init=Zero())
+
+    for cell, graph in ((VisionEncoder(cfg.vision, 1), vision_graph(cfg, 1, side, side, "float32")),
+                        (TextStep(cfg.text, 1, 8), text_graph(cfg, 1, 1, 8, "float32"))):
+        weights = [abstract(w.shape) for w in groups[graph.weights]]
+        cell.compile(*(abstract(t.shape, t.dtype) for t in graph.inputs + graph.caches), *weights)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_positions_find_each_role_and_splits_are_known(arch):
+    cfg = ModelConfig.from_hf(CONFIGS[arch])
+    for tower in (vision_weights(cfg.vision), text_weights(cfg.text)):
+        group = tower.weights()
+        for part, at in zip(tower.parts(), tower.positions().parts(), strict=True):
+            assert type(at) is type(part) and type(part)(*(group[i] for i in at)) == part
+        assert {w.split for w in group} <= set(SPLITS)
+    names = [w.name for group in weight_groups(cfg).values() for w in group]
+    assert len(names) == len(set(names))
 
 
 def hub_tensors() -> dict[str, tuple]:
@@ -92,7 +169,7 @@ def test_single_and_sharded_load_the_same(tmp_path, tensors):
     write_checkpoint(tmp_path / "single", tensors)
     write_checkpoint(tmp_path / "sharded", tensors, shards=3)
     single, sharded = load_weights(tmp_path / "single", cfg), load_weights(tmp_path / "sharded", cfg)
-    assert list(single) == list(expected_shapes(cfg))
+    assert list(single) == [w.name for w in stored_weights(cfg)]
     for name in single:
         np.testing.assert_array_equal(single[name], sharded[name])
     np.testing.assert_array_equal(single["vision.patch_embed.weight"],

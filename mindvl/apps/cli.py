@@ -9,7 +9,8 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mindvl", description="Qwen2-VL as graph-mode MindSpore MindIR at static shapes.")
+    parser = argparse.ArgumentParser(prog="mindvl",
+                                     description="Qwen2-VL as graph-mode MindSpore MindIR at static shapes.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -111,7 +112,8 @@ def _bench(args: argparse.Namespace) -> None:
     from mindvl.bench.benchmark import format_table, plot, run_bench
     from mindvl.shapes.buckets import BucketSpec
 
-    spec = BucketSpec.from_yaml(args.buckets) if args.buckets else BucketSpec.preset(args.preset) if args.preset else None
+    spec = (BucketSpec.from_yaml(args.buckets) if args.buckets
+            else BucketSpec.preset(args.preset) if args.preset else None)
     report = run_bench(args.target, tuple(m.strip() for m in args.modes.split(",") if m.strip()), args.image,
                        args.prompt_tokens, args.new_tokens, spec, args.repeats, args.dtype, args.model, args.workdir,
                        args.device)

@@ -15,9 +15,9 @@ from pathlib import Path
 from statistics import median
 
 from mindvl import __version__
+from mindvl.shapes.buckets import BucketSpec
 from mindvl.testing.checkpoints import write_checkpoint
 from mindvl.testing.media import sample_image, write_sample_video
-from mindvl.shapes.buckets import BucketSpec
 
 
 def default_cache_dir() -> Path:
@@ -79,7 +79,7 @@ def run_demo(model_dir: str | Path | None = None, prompt: str | None = None, ima
     model = None  # the pynative reference is loaded only once the runtime has accepted the inputs
 
     speedups = []
-    for (text, media), inputs in zip(prompts, prepared):
+    for (text, media), inputs in zip(prompts, prepared, strict=True):
         first = runtime.generate(text, max_new_tokens=max_new_tokens, **media)  # loads the graphs it needs
         out = runtime.generate(text, max_new_tokens=max_new_tokens, **media)
         files = ", ".join(Path(f).name for f in [*media.get("images", []), *media.get("videos", [])])

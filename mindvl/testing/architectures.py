@@ -54,5 +54,14 @@ FIXTURES: dict[str, dict[str, Any]] = {
         "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}, "tie_word_embeddings": True,
         "vision_config": {"depth": 2, "embed_dim": 48, "num_heads": 3, "hidden_size": 96},
     },
+    # The published head sizes at small widths: text head_dim 128 (2 heads, 1 KV head) with M-RoPE [16, 24, 24],
+    # vision head_dim 80 (embed 1280, 16 heads, as in every Qwen2-VL); one decoder layer, one vision block. Untied:
+    # with one layer a tied head predicted the same token after every prompt, whatever attention did.
+    "real-dims": {
+        "vocab_size": 352, "hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "intermediate_size": 512, "num_hidden_layers": 1, "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "tie_word_embeddings": False,
+        "vision_config": {"depth": 1, "embed_dim": 1280, "num_heads": 16, "hidden_size": 256},
+    },
     "2b-shapes": ARCHITECTURES["2B"],
 }  # fmt: skip

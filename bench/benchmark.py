@@ -233,8 +233,7 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
                         {"export_s": export_s} if m == "runtime" else {}) for m in modes]
     return {
         "date": str(date.today()),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "memory_gib": _memory_gib(),
-                    "platform": platform.platform(), "mindspore": _version("mindspore"), "torch": _version("torch")},
+        "machine": machine(),
         "model": {"layers": cfg.text.num_hidden_layers, "hidden_size": cfg.text.hidden_size,
                   "vocab_size": cfg.text.vocab_size, "vision_depth": cfg.vision.depth, "dtype": dtype},
         "workload": {"image": Path(image).name, "image_bucket": spec.to_dict().get("images"),
@@ -243,6 +242,12 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
         "bandwidth_gb_s": bandwidth / 1e9, "decode_step_bytes": step_bytes, "roofline_decode_ms": roofline_ms,
         "results": results,
     }
+
+
+def machine() -> dict[str, Any]:
+    """What a figure was measured on: every report names its CPU, as a claim holds only where measured."""
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "memory_gib": _memory_gib(), "platform": platform.platform(),
+            "mindspore": _version("mindspore"), "torch": _version("torch")}
 
 
 def _version(package: str) -> str | None:

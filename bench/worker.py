@@ -3,8 +3,10 @@
     python -m mindvl.bench.worker MODE SETUP.json        MODE: runtime | graph | pynative | transformers
 
 Prints one JSON line when ready (cold start: process start → model loaded → first token), then answers
-each "run" line on stdin with one JSON line of timings, and "stats" with its peak resident memory.
-Every mode gets the same inputs: the prompt and image prepared by the runtime's bucket policy.
+each "run" line on stdin with one JSON line of timings, a JSON line {"messages": [...], "new_tokens": N} (a
+conversation in the chat template's form, about the setup's images, instead of the setup's prompt) likewise, and
+"stats" with its peak resident memory. Every mode gets the same inputs: the prompt and image prepared by the
+runtime's bucket policy.
 """
 
 from __future__ import annotations
@@ -17,16 +19,25 @@ import time
 STARTED = time.perf_counter()
 
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+from typing import Callable, Sequence  # noqa: E402
+
+
+def _messages(setup: dict, messages: Sequence[dict] | None) -> Sequence[dict]:
+    """The conversation a run answers: the one asked for, else the setup's prompt as one user turn."""
+    from mindvl.shapes.prompt import user_turn
+
+    return messages or [user_turn(setup["prompt"], len(setup["images"]), 0)]
 
 
 def _runtime(setup: dict) -> Callable[[], dict]:
     from mindvl.runtime import Runtime
 
-    rt = Runtime.load(setup["artifacts"], device=setup.get("device"))
+    # Every repeat sends the same request: without the caches off, repeats would measure prefix reuse and the vision
+    # cache, not a request as it first arrives.
+    rt = Runtime.load(setup["artifacts"], device=setup.get("device"), prefix_cache_mb=0, vision_cache_mb=0)
 
-    def run(new_tokens: int) -> dict:
-        out = rt.generate(setup["prompt"], images=setup["images"], max_new_tokens=new_tokens)
+    def run(new_tokens: int, messages: Sequence[dict] | None = None) -> dict:
+        out = rt.chat(_messages(setup, messages), images=setup["images"], max_new_tokens=new_tokens)
         t = out.timings
         return {"vision_ms": t["vision"], "prefill_ms": t["prefill"],
                 "ttft_ms": t["preprocess"] + t["vision"] + t["prefill"], "decode_ms": out.decode_steps_ms}
@@ -42,9 +53,9 @@ def _model(setup: dict, mode: str) -> Callable[[], dict]:
     model = load(setup["model"], dtype=setup["dtype"], device=setup.get("device"))
     processor = Processor(setup["model"], BucketSpec.from_dict(setup["buckets"]))
 
-    def run(new_tokens: int) -> dict:
+    def run(new_tokens: int, messages: Sequence[dict] | None = None) -> dict:
         start = time.perf_counter()
-        inputs = processor.prepare(setup["prompt"], images=setup["images"]).model_inputs()
+        inputs = processor.prepare_chat(_messages(setup, messages), images=setup["images"]).model_inputs()
         del inputs["attention_mask"]
         preprocess_ms = (time.perf_counter() - start) * 1e3
         gen = model.generate(**inputs, max_new_tokens=new_tokens, mode=mode, stop_ids=())
@@ -79,9 +90,9 @@ def _transformers(setup: dict) -> Callable[[], dict]:
     model.model.visual.register_forward_hook(lambda *_: vision_span.append(time.perf_counter()))
 
     @torch.inference_mode()
-    def run(new_tokens: int) -> dict:
+    def run(new_tokens: int, messages: Sequence[dict] | None = None) -> dict:
         start = time.perf_counter()
-        inputs = processor.prepare(setup["prompt"], images=setup["images"]).model_inputs()
+        inputs = processor.prepare_chat(_messages(setup, messages), images=setup["images"]).model_inputs()
         tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
         preprocess_done = time.perf_counter()
         clock = Clock()
@@ -114,6 +125,9 @@ def main() -> None:
     for line in sys.stdin:
         if line.strip() == "run":
             print(json.dumps(run(setup["new_tokens"])), flush=True)
+        elif line.startswith("{"):
+            request = json.loads(line)
+            print(json.dumps(run(request["new_tokens"], request["messages"])), flush=True)
         elif line.strip() == "stats":
             print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
 

@@ -20,7 +20,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from mindvl.device import host_dtype, to_tensor, zeros
+from mindvl.device import dtype_bytes, host_dtype, to_tensor, zeros
 from mindvl.errors import ArtifactError
 from mindvl.shapes.buckets import BucketSpec
 from mindvl.shapes.graphs import GraphSpec, TensorSpec, kv_cache_shape
@@ -36,7 +36,7 @@ def check_cache_memory(manifest: Manifest) -> None:
     batch, capacity = max(buckets["batch"]), max(buckets["cache"])
     # From the shape, not the specs: a tampered layer count could make those billions of tensors.
     need = (2 * cfg.text.num_hidden_layers * math.prod(kv_cache_shape(cfg, batch, capacity))
-            * np.dtype(host_dtype(manifest.dtype)).itemsize)
+            * dtype_bytes(manifest.dtype))
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > memory:
         raise ArtifactError(f"the KV cache of bucket batch {batch} × cache {capacity} needs {need} bytes "
@@ -139,8 +139,8 @@ class Artifacts:
         self._load_weights(verify)
         self._graphs: dict[str, nn.GraphCell] = {}
         self.graph_load_ms = 0.0  # time spent loading graphs so far, all of it on first use
-        # (batch, cache) -> the cache inputs as declared, and their tensors
-        self._caches: dict[tuple[int, int], tuple[tuple[TensorSpec, ...], tuple[ms.Tensor, ...]]] = {}
+        # (batch, cache, cache set) -> the cache inputs as declared, and their tensors
+        self._caches: dict[tuple[int, int, int], tuple[tuple[TensorSpec, ...], tuple[ms.Tensor, ...]]] = {}
 
     def _load_weights(self, verify: bool) -> None:
         w = self.manifest.weights
@@ -166,10 +166,11 @@ class Artifacts:
             self.graph_load_ms += (time.perf_counter() - start) * 1e3
         return self._graphs[spec.name]
 
-    def caches(self, spec: GraphSpec) -> tuple[ms.Tensor, ...]:
-        """The KV cache a text graph declares, allocated once per (batch, cache) bucket: every text graph of that
-        size updates the same tensors in place."""
-        key = (spec.bucket["batch"], spec.bucket["cache"])
+    def caches(self, spec: GraphSpec, cache_set: int = 0) -> tuple[ms.Tensor, ...]:
+        """A KV cache as the text graph declares it, allocated once per (batch, cache) bucket and `cache_set`: every
+        text graph of that size updates the same tensors in place. More than one set of a bucket keeps several
+        conversations' prefixes (`runtime/pool.py`)."""
+        key = (spec.bucket["batch"], spec.bucket["cache"], cache_set)
         if key not in self._caches:
             self._caches[key] = (spec.caches, tuple(zeros(c.shape, c.dtype) for c in spec.caches))
         declared, tensors = self._caches[key]
@@ -178,11 +179,11 @@ class Artifacts:
                                 f"batch {key[0]} × cache {key[1]}, which share one cache; re-export the artifacts")
         return tensors
 
-    def run(self, spec: GraphSpec, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def run(self, spec: GraphSpec, inputs: dict[str, np.ndarray], cache_set: int = 0) -> np.ndarray:
         """Feed one graph, as the manifest declares it, its data inputs (by name), its caches and its weights."""
         args = [to_tensor(_fed(spec, t, inputs), t.dtype) for t in spec.inputs]
         if spec.caches:
-            args += self.caches(spec)
+            args += self.caches(spec, cache_set)
         graph = self.graph(spec)
         try:
             return graph(*args, *self.weights[spec.weights]).asnumpy()

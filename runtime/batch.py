@@ -1,13 +1,23 @@
-"""Static-shape continuous batching: up to B sequences decode together in the graphs and the KV cache of one
+"""Static-shape continuous batching: up to B sequences run together in the graphs and the KV cache of one
 (batch B, cache C) bucket, each in its own row; a free row takes a new sequence at the next step.
 
-    add(sequences)  prefill_b{B}_s{S}_c{C}: the new rows write slots 0..S-1, every other row idles ─▶ first tokens
-    step()          decode_b{B}_c{C}: every active row writes its next slot, free rows idle        ─▶ next tokens
+    add(generation)  takes the free row whose cache already holds the longest prefix of its prompt (no graph call)
+    step()           1. prefill_b{B}_s{S}_c{C}, when rows are still prefilling: one chunk of each of them
+                     2. decode_b{B}_c{C}, when rows are decoding: each writes its next slot     ─▶ next tokens
 
 Row r's cache holds its sequence in slots [0, fill_r). A slot >= fill_r holds garbage that is overwritten before
 any mask admits it, so an idling row points all its writes at slot fill_r (duplicates allowed), which its own next
-step overwrites first, and its queries see only that slot: the working rows' caches are untouched and the idle
+write overwrites first, and its queries see only that slot: the working rows' caches are untouched and the idle
 row's throw-away outputs stay finite. `Runtime.generate` is a batch of one.
+
+Chunked prefill. A prompt longer than the largest prefill bucket is prefilled a chunk per step: each chunk writes
+the slots after what the row holds and attends to all of them (`shapes.buckets.choose_text_buckets` picks the
+call's length). Interleaving rule: a step runs at most one prefill call, then one decode step, so a row being
+prefilled in chunks holds the decoding rows back by one chunk call per token at most.
+
+Prefix reuse. A row keeps what its cache holds when its generation ends (`kept`); a new generation takes the free
+row whose kept content shares the longest prefix with its prompt (its keys: token ids, and for images their
+content), and prefills only the rest. Without `keep`, rows forget.
 
 One row's failure is its own: a row whose inputs cannot be built, or whose sampler fails, ends with `finish` =
 "error" and its row is freed, while the others go on. A graph call that fails is tried again row by row (the rest
@@ -18,87 +28,37 @@ logits the whole call would have given it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from mindvl.device import host_dtype
 from mindvl.runtime.artifacts import Artifacts
-from mindvl.runtime.detokenize import StreamDecoder
-from mindvl.runtime.sampling import Sampling, next_token
+from mindvl.runtime.generation import Generation
 from mindvl.shapes.buckets import choose_text_buckets
 from mindvl.shapes.graphs import GraphSpec
-from mindvl.shapes.text_inputs import attention_mask
+from mindvl.shapes.text_inputs import attention_mask, common_prefix
 
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt ready for the text graphs: token embeddings with the visual tokens placed, and M-RoPE positions."""
-
-    embeds: np.ndarray  # [L, hidden]
-    position_ids: np.ndarray  # [3, L]
-    rope_delta: int  # a generated token's position is its cache slot + rope_delta
-    vision_graphs: list[str] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        return len(self.embeds)
-
-
-class Generation:
-    """One sequence being generated: its prompt, sampling state, tokens so far and text; `finish` is set when
-    it ends, with `error` when it failed."""
-
-    def __init__(self, prompt: Prompt, max_new_tokens: int, sampling: Sampling, decoder: StreamDecoder,
-                 stop_ids: Collection[int], keep_logits: bool = False) -> None:
-        self.prompt, self.max_new_tokens, self.sampling = prompt, max_new_tokens, sampling
-        self.decoder, self.stop_ids, self.keep_logits = decoder, stop_ids, keep_logits
-        self.rng = np.random.default_rng(sampling.seed)
-        self.token_ids: list[int] = []
-        self.logits: list[np.ndarray] = []
-        self.fill = 0  # cache slots holding this sequence
-        self.finish: str | None = None  # "stop" (an end token) | "length" (max_new_tokens reached) | "error"
-        self.error: Exception | None = None
-
-    @property
-    def text(self) -> str:
-        return self.decoder.emitted
-
-    @property
-    def cache_needed(self) -> int:
-        return self.prompt.length + self.max_new_tokens
-
-    def take(self, logits: np.ndarray) -> str:
-        """Choose the next token from the logits [vocab]; the new text it completes (possibly "")."""
-        token = next_token(logits, self.sampling, self.rng)
-        self.token_ids.append(token)
-        if self.keep_logits:
-            self.logits.append(logits)
-        if token in self.stop_ids:
-            self.finish = "stop"
-            return self.decoder.flush()
-        piece = self.decoder.push(token)
-        if len(self.token_ids) == self.max_new_tokens:
-            self.finish = "length"
-            piece += self.decoder.flush()
-        return piece
-
-    def fail(self, error: Exception) -> None:
-        self.finish, self.error = "error", error
+NOTHING = np.zeros(0, np.int64)
 
 
 class Batch:
-    """The rows of one (batch, cache) bucket; `add` and `step` return (generation, new text) per row that worked
-    or failed, and free the rows of generations that ended."""
+    """The rows of one cache set of a (batch, cache) bucket; `step` returns (generation, new text) per row that took
+    a token or failed, and frees the rows of generations that ended."""
 
-    def __init__(self, artifacts: Artifacts, size: int, capacity: int) -> None:
-        self.artifacts, self.size, self.capacity = artifacts, size, capacity
+    def __init__(self, artifacts: Artifacts, size: int, capacity: int, cache_set: int = 0, keep: bool = False) -> None:
+        self.artifacts, self.size, self.capacity, self.cache_set = artifacts, size, capacity, cache_set
+        self.keep = keep
         self.rows: list[Generation | None] = [None] * size
+        self.kept = [NOTHING] * size  # keys of what each free row's cache holds, for prefix reuse
+        self.kept_prompt = [0] * size  # how much of that was the prompt of the generation that wrote it
+        self.used = [0.0] * size  # when each row last took a generation: the least recently used is reused first
         self.np_dtype = host_dtype(artifacts.dtype)
         self.hidden = artifacts.config.text.hidden_size
         self.call_ms = 0.0  # the last graph call's time
-        self._specs: dict[int, GraphSpec] = {}  # by sequence length: built once, not every decode step
+        self.prefill_calls = self.decode_calls = self.decoded_rows = 0  # counts, for metrics
+        self._specs: dict[int, GraphSpec] = {}  # by sequence length: looked up once, not every decode step
 
     @property
     def active(self) -> list[Generation]:
@@ -108,48 +68,108 @@ class Batch:
     def free(self) -> int:
         return self.rows.count(None)
 
-    def graph_names(self, prompt_length: int) -> tuple[str, str]:
-        """The prefill and decode graphs a prompt of this length goes through."""
-        return self._spec(self._prefill_length(prompt_length)).name, self._spec(1).name
+    @property
+    def decode_graph(self) -> str:
+        return self._spec(1).name
+
+    def reusable(self, keys: np.ndarray) -> int:
+        """How many leading tokens of a prompt with these keys `add` would find in its row (at most all but the
+        last, whose logits the prefill must give)."""
+        return self._match(self._row_for(keys), keys)
+
+    def worth_taking(self, keys: np.ndarray) -> int:
+        """The longest prefix of a prompt with these keys that a free row holds, counting only rows it is worth
+        overwriting for (`_worth`); 0 when no row is."""
+        return max((self._worth(r, keys) for r, g in enumerate(self.rows) if g is None), default=0)
+
+    @property
+    def blank(self) -> bool:
+        """Whether a free row keeps nothing: a new conversation can take it without overwriting another's."""
+        return any(g is None and not len(k) for g, k in zip(self.rows, self.kept, strict=True))
+
+    def add(self, generation: Generation) -> None:
+        """Take the free row holding the longest prefix of the generation's prompt (the least recently used one when
+        none holds any); its prefill starts after that prefix, at the next `step`."""
+        if not self.free or generation.cache_needed > self.capacity:
+            raise ValueError(f"a generation needing {generation.cache_needed} slots does not fit the {self.free} free "
+                             f"rows of a {self.capacity}-slot cache")
+        row = self._row_for(generation.prompt.keys)
+        generation.start = generation.fill = self._match(row, generation.prompt.keys)
+        self.rows[row], self.kept[row], self.used[row] = generation, NOTHING, time.monotonic()
 
     def remove(self, generation: Generation) -> None:
         """Free the row of a generation that is abandoned before it ended."""
-        self.rows[self.rows.index(generation)] = None
+        self._free(self.rows.index(generation))
 
-    def add(self, generations: Sequence[Generation]) -> list[tuple[Generation, str]]:
-        """Prefill new generations into free rows, all in one call, and take each one's first token."""
-        free = [r for r, g in enumerate(self.rows) if g is None][: len(generations)]
-        if len(free) < len(generations) or any(g.cache_needed > self.capacity for g in generations):
-            raise ValueError(f"{len(generations)} generations do not fit the {self.free} free rows of a "
-                             f"{self.capacity}-slot cache")
-        seq = self._prefill_length(max(g.prompt.length for g in generations))
-        for r, g in zip(free, generations, strict=True):
-            self.rows[r] = g  # fill stays 0 until its prefill succeeded: until then the row idles at slot 0
-
-        def write(r: int, inputs: _Inputs) -> None:
-            g = self.rows[r]
-            n = g.prompt.length
-            inputs.embeds[r, :n], inputs.positions[:, r, :n] = g.prompt.embeds, g.prompt.position_ids
-            inputs.slots[r], inputs.key_valid[r] = np.arange(seq), np.arange(self.capacity) < n
-            inputs.logits_index[r] = n - 1
-
-        return self._call(seq, free, write, lambda g: setattr(g, "fill", g.prompt.length))
+    def prefill_length(self, remaining: int) -> int:
+        """The length of a prefill call for rows with at most `remaining` prompt tokens left: all of them when a
+        prefill bucket holds that many, else a chunk of the largest bucket."""
+        return choose_text_buckets(remaining, 0, self.artifacts.buckets, self.size, cache=self.capacity).calls[0]
 
     def step(self) -> list[tuple[Generation, str]]:
-        """One decode step of every active generation: each feeds its last token and takes the next."""
+        """One prefill call for the rows still prefilling, if any, then one decode step for the others."""
+        prefilling = [r for r, g in enumerate(self.rows) if g is not None and g.prefilling]
+        results = self._prefill(prefilling) if prefilling else []
+        decoding = [r for r, g in enumerate(self.rows) if g is not None and not g.prefilling]
+        return results + (self._decode(decoding) if decoding else [])
+
+    def _prefill(self, rows: list[int]) -> list[tuple[Generation, str]]:
+        """The next chunk of each row's prompt, in one call; a row whose prompt is then in takes its first token."""
+        seq = self.prefill_length(max(self.rows[r].prompt.length - self.rows[r].fill for r in rows))
+        chunks = {r: min(self.rows[r].prompt.length - self.rows[r].fill, seq) for r in rows}
+        self.prefill_calls += 1
+
+        def write(r: int, inputs: _Inputs) -> None:
+            g, n = self.rows[r], chunks[r]
+            a, prompt = g.fill, g.prompt
+            inputs.embeds[r, :n], inputs.positions[:, r, :n] = prompt.embeds[a:a + n], prompt.position_ids[:, a:a + n]
+            # Padding positions write the slot after the chunk: the next chunk or the first decode step overwrites it.
+            inputs.slots[r], inputs.slots[r, :n] = a + n, np.arange(a, a + n)
+            inputs.key_valid[r], inputs.logits_index[r] = np.arange(self.capacity) < a + n, n - 1
+
+        def written(r: int) -> None:
+            g = self.rows[r]
+            g.fill, g.chunks, g.prefill_ms = g.fill + chunks[r], g.chunks + 1, g.prefill_ms + self.call_ms
+            g.prefill_graphs.append(self._spec(seq).name)
+
+        done = self._call(seq, rows, write, written)
+        return [self._take(r, done[r]) for r in rows if isinstance(done[r], Exception) or not self.rows[r].prefilling]
+
+    def _decode(self, rows: list[int]) -> list[tuple[Generation, str]]:
+        """One decode step of these rows: each feeds its last token and takes the next."""
         def write(r: int, inputs: _Inputs) -> None:
             g = self.rows[r]
             inputs.embeds[r, 0] = self.artifacts.embed[g.token_ids[-1]]
             inputs.positions[:, r, 0], inputs.slots[r, 0] = g.fill + g.prompt.rope_delta, g.fill
             inputs.key_valid[r] = np.arange(self.capacity) <= g.fill
 
-        def written(g: Generation) -> None:
-            g.fill += 1
+        def written(r: int) -> None:
+            self.rows[r].fill += 1
+            self.rows[r].decode_ms.append(self.call_ms)
 
-        return self._call(1, [r for r, g in enumerate(self.rows) if g is not None], write, written)
+        self.decode_calls, self.decoded_rows = self.decode_calls + 1, self.decoded_rows + len(rows)
+        done = self._call(1, rows, write, written)
+        return [self._take(r, done[r]) for r in rows]
 
-    def _prefill_length(self, prompt_length: int) -> int:
-        return choose_text_buckets(prompt_length, 0, self.artifacts.buckets, self.size, cache=self.capacity).prefill
+    def _row_for(self, keys: np.ndarray) -> int:
+        """The free row a prompt with these keys takes: the one worth taking with the longest prefix; else one that
+        keeps nothing (another conversation's history stays); else the one holding the longest prefix; the least
+        recently used among equals."""
+        free = [r for r, g in enumerate(self.rows) if g is None]
+        return max(free, key=lambda r: (self._worth(r, keys), not len(self.kept[r]), self._match(r, keys),
+                                        -self.used[r]))
+
+    def _worth(self, row: int, keys: np.ndarray) -> int:
+        """The prefix of a prompt with these keys that `row` holds, if it is worth overwriting the row for: the
+        prompt goes on from the whole prompt the row last served (the next turn of its chat, or the same prompt
+        again), or it reuses at least as much as it overwrites (an earlier turn edited); else 0 — a request that
+        merely shares a start with another conversation leaves that conversation's history alone."""
+        match = self._match(row, keys)
+        goes_on = min(self.kept_prompt[row], len(keys) - 1) <= match
+        return match if match and (goes_on or match >= len(self.kept[row]) - match) else 0
+
+    def _match(self, row: int, keys: np.ndarray) -> int:
+        return min(common_prefix(self.kept[row], keys), len(keys) - 1) if self.keep else 0
 
     def _spec(self, seq: int) -> GraphSpec:
         if seq not in self._specs:
@@ -158,25 +178,25 @@ class Batch:
         return self._specs[seq]
 
     def _call(self, seq: int, rows: list[int], write: Callable[[int, _Inputs], None],
-              written: Callable[[Generation], None]) -> list[tuple[Generation, str]]:
-        """Run `rows` through the graph of length `seq` (`write` puts a row's inputs in place, `written` records
-        that its cache slots now hold it), then take each row's next token; a failure ends only its own row."""
+              written: Callable[[int], None]) -> dict[int, np.ndarray | Exception]:
+        """Each row's last logits [vocab] of one call of the graph of length `seq` (`write` puts a row's inputs in
+        place, `written` records that its cache slots now hold them), or the failure that is that row's alone."""
         try:
             logits = self._run(seq, rows, write)
-            done = {r: logits[r, -1] for r in rows}
             for r in rows:
-                written(self.rows[r])
+                written(r)
+            return {r: logits[r, -1] for r in rows}
         except Exception:
             # Each row alone: a row that succeeds is recorded at once, so it idles past its new slots in the
             # calls that follow and they cannot overwrite what it just wrote.
-            done = {}
+            done: dict[int, np.ndarray | Exception] = {}
             for r in rows:
                 try:
                     done[r] = self._run(seq, [r], write)[r, -1]
-                    written(self.rows[r])
+                    written(r)
                 except Exception as e:
                     done[r] = e
-        return [self._take(r, done[r]) for r in rows]
+            return done
 
     def _run(self, seq: int, rows: list[int], write: Callable[[int, _Inputs], None]) -> np.ndarray:
         inputs = self._idle_inputs(seq)
@@ -185,20 +205,21 @@ class Batch:
         start = time.perf_counter()
         logits = self.artifacts.run(self._spec(seq), {
             "embeds": inputs.embeds, "position_ids": inputs.positions, "cache_positions": inputs.slots,
-            "mask": attention_mask(inputs.key_valid, inputs.slots, self.np_dtype), "logits_index": inputs.logits_index})
+            "mask": attention_mask(inputs.key_valid, inputs.slots, self.np_dtype), "logits_index": inputs.logits_index},
+            self.cache_set)
         self.call_ms = (time.perf_counter() - start) * 1e3
         return logits
 
     def _idle_inputs(self, seq: int) -> _Inputs:
-        """The inputs of a call in which every row idles: it writes to and sees only its slot `fill` (slot 0 when
-        the row is free)."""
+        """The inputs of a call in which every row idles: it writes to and sees only its first slot past what it
+        holds (`fill`, or for a free row the end of what it keeps)."""
         inputs = _Inputs(embeds=np.zeros((self.size, seq, self.hidden), self.np_dtype),
                          positions=np.zeros((3, self.size, seq), np.int32),
                          slots=np.zeros((self.size, seq), np.int32),
                          key_valid=np.zeros((self.size, self.capacity), bool),
                          logits_index=np.zeros((self.size, 1), np.int32))
         for r, g in enumerate(self.rows):
-            inputs.slots[r] = g.fill if g is not None else 0
+            inputs.slots[r] = g.fill if g is not None else len(self.kept[r])
             inputs.key_valid[r, inputs.slots[r, 0]] = True
         return inputs
 
@@ -213,8 +234,15 @@ class Batch:
             except Exception as e:  # the sampler or the detokeniser, on this row's values alone
                 g.fail(e)
         if g.finish:
-            self.rows[row] = None
+            self._free(row)
         return g, piece
+
+    def _free(self, row: int) -> None:
+        g = self.rows[row]
+        # A failed row's slots are in an unknown state: it keeps nothing.
+        self.kept[row] = g.content() if self.keep and g.error is None else NOTHING
+        self.kept_prompt[row] = min(g.prompt.length, len(self.kept[row]))
+        self.rows[row] = None
 
 
 @dataclass

@@ -85,7 +85,7 @@ class Completions:
             prepared = self.runtime.processor.prepare_chat(messages, images, videos, check_length=budget)
         except MindVLError as e:
             raise from_mindvl(e, "messages") from None
-        return Job(prepared, budget.max_new_tokens, budget.text, sampling, loop)
+        return Job(prepared, self.runtime.prompt_keys(prepared), budget.max_new_tokens, budget.text, sampling, loop)
 
     def _conversation(self, messages: list[Message]) -> tuple[list[dict], list, list]:
         """The messages in the chat template's form, and the images and videos their parts refer to, in order."""
@@ -146,7 +146,7 @@ class Completions:
             text, finish, count = [], "length", 0
             async for piece, finish, count in self._answer(job, chat, arrived):  # noqa: B007 (the last ones count)
                 text.append(piece)
-            return envelope.completion("".join(text), finish, job.prompt_tokens, count)
+            return envelope.completion("".join(text), finish, job.prompt_tokens, count, job.cached_tokens)
         finally:
             watcher.cancel()
 
@@ -163,28 +163,29 @@ class Completions:
             return
         yield envelope.chunk({}, finish)
         if chat.stream_options and chat.stream_options.include_usage:
-            yield envelope.usage_chunk(job.prompt_tokens, count)
+            yield envelope.usage_chunk(job.prompt_tokens, count, job.cached_tokens)
         yield DONE
 
 
 class _Budget:
-    """Once a prompt's tokens are counted: its text buckets at the server's batch size (`shapes.buckets` decides),
-    or a refusal worded for a client, who cannot add buckets. max_tokens defaults to what fits the largest cache."""
+    """Once a prompt's tokens are counted: its text buckets at the server's batch size (`shapes.buckets` decides; a
+    prompt longer than every prefill bucket is prefilled in chunks), or a refusal worded for a client, who cannot add
+    buckets. max_tokens defaults to what fits the largest cache."""
 
     def __init__(self, token_limit: int | None, buckets: BucketSpec) -> None:
         self.token_limit, self.buckets = token_limit, buckets
         self.max_new_tokens, self.text = 0, None  # set once the prompt is counted
 
     def __call__(self, length: int) -> None:
-        longest, largest = self.buckets.prefill[-1], self.buckets.cache[-1]
+        largest = self.buckets.cache[-1]
         max_new = self.token_limit or max(1, largest - length)
         try:
             self.text = choose_text_buckets(length, max_new, self.buckets, self.buckets.batch[-1])
         except TextBucketError:
-            if length > longest:
-                raise ServeError(400, f"the prompt is {length} tokens, longer than this server's longest prompt "
-                                      f"({longest} tokens); shorten it or send fewer or smaller images",
-                                 param="messages", code="context_length_exceeded") from None
+            if length >= largest:
+                raise ServeError(400, f"the prompt is {length} tokens, more than this server's largest KV cache "
+                                      f"({largest} tokens) holds with room for an answer; shorten it or send fewer "
+                                      "or smaller images", param="messages", code="context_length_exceeded") from None
             raise ServeError(400, f"the prompt ({length} tokens) + max_tokens ({max_new}) is more than this "
                                   f"server's largest KV cache ({largest} tokens); lower max_tokens to "
                                   f"<= {largest - length}", param="max_tokens",

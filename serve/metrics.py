@@ -75,7 +75,11 @@ HELP = {
     "mindvl_worker_failures_total": "Requests failed inside the worker (each alone; the others went on).",
     "mindvl_prompt_tokens_total": "Prompt tokens of the generations started.",
     "mindvl_completion_tokens_total": "Tokens generated.",
-    "mindvl_decode_steps_total": "Decode steps run (one graph call each, for every active row of the batch).",
+    "mindvl_decode_steps_total": "Decode steps run (one graph call each, for every decoding row of the batch).",
+    "mindvl_prefill_calls_total": "Prefill graph calls run: one per chunk of the rows prefilling together.",
+    "mindvl_prefix_hits_total": "Requests whose prompt began with what a cache row held already (prefix reuse).",
+    "mindvl_prefix_reused_tokens_total": "Prompt tokens a cache row held already, not prefilled again.",
+    "mindvl_vision_cache_hits_total": "Images and videos whose visual tokens came from the vision cache.",
     "mindvl_decode_rows_total": "Rows decoded, summed over decode steps: divided by the steps, the mean batch use.",
     "mindvl_time_to_first_token_seconds": "From a request's arrival to its first generated token, queueing included.",
     "mindvl_time_per_output_token_seconds": "Between consecutive generated tokens of one request.",
@@ -83,7 +87,9 @@ HELP = {
 }
 
 UNLABELLED = ("mindvl_cancelled_total", "mindvl_worker_failures_total", "mindvl_prompt_tokens_total",
-              "mindvl_completion_tokens_total", "mindvl_decode_steps_total", "mindvl_decode_rows_total")
+              "mindvl_completion_tokens_total", "mindvl_decode_steps_total", "mindvl_decode_rows_total",
+              "mindvl_prefill_calls_total", "mindvl_prefix_hits_total", "mindvl_prefix_reused_tokens_total",
+              "mindvl_vision_cache_hits_total")
 
 
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:

@@ -3,9 +3,12 @@ hands every token back to the event loop, which only queues, streams and cancels
 
 Policy. The batch runs at the artifact's largest batch bucket B, so a request that arrives while others decode
 takes a free row at the next step (with batch [1] requests are served one at a time). The batch's cache bucket C is
-chosen when it starts empty: the smallest that holds prompt + max_tokens of each of the first B waiting requests.
-Requests join in arrival order; one that needs more than C waits, and those behind it with it, until the batch
-empties and restarts at a larger C, so none starves.
+chosen when it starts empty: the largest of the caches the first B waiting requests each take
+(`choose_text_buckets`), and of that bucket's cache sets the one holding the longest prefix of one of them
+(`runtime/pool.py`). Requests join in arrival order, each into the free row that holds the longest prefix of its
+prompt; one that needs more than C waits, and those behind it with it, until the batch empties and restarts at a
+larger C, so none starves. A step is at most one prefill call (one chunk of every row still prefilling) and then
+one decode step of the other rows.
 
 Failures. Whatever fails while a request is admitted (its vision graphs), prefilled, decoded or sampled fails that
 request alone with a 500 (the traceback goes to the log); its row is freed and the other rows go on, each with
@@ -24,9 +27,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+
 from mindvl.errors import MindVLError
 from mindvl.runtime import Runtime
-from mindvl.runtime.batch import Batch, Generation
+from mindvl.runtime.batch import Batch
+from mindvl.runtime.generation import Generation
 from mindvl.runtime.sampling import Sampling
 from mindvl.serve.errors import ServeError, from_mindvl
 from mindvl.serve.metrics import Metrics
@@ -50,10 +56,11 @@ class Done:
 class Job:
     """One chat completion: what the worker needs, and the queue its tokens come back on."""
 
-    def __init__(self, prepared: Prepared, max_new_tokens: int, text: TextChoice, sampling: Sampling,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.prepared, self.max_new_tokens, self.text, self.sampling = prepared, max_new_tokens, text, sampling
-        self.prompt_tokens = prepared.input_ids.shape[1]
+    def __init__(self, prepared: Prepared, keys: np.ndarray, max_new_tokens: int, text: TextChoice,
+                 sampling: Sampling, loop: asyncio.AbstractEventLoop) -> None:
+        self.prepared, self.keys, self.max_new_tokens, self.text = prepared, keys, max_new_tokens, text
+        self.sampling, self.prompt_tokens = sampling, prepared.input_ids.shape[1]
+        self.cached_tokens = 0  # set by the worker when the job joins a batch: prompt tokens its row held already
         self.events: asyncio.Queue[Token | Done | ServeError] = asyncio.Queue()
         self.cancelled = False  # set on the event loop; the worker drops the job at its next step
         self._loop = loop
@@ -114,25 +121,29 @@ class Scheduler:
             if batch is None:
                 continue
             try:
-                joining = self._admit(batch)
-                if joining:
-                    self._deliver(batch.add(list(joining)))
-                    self._beat()
+                self._admit(batch)
                 if batch.active:
-                    self.metrics.count("mindvl_decode_steps_total")
-                    self.metrics.count("mindvl_decode_rows_total", len(batch.active))
-                    self._deliver(batch.step())
+                    self._step(batch)
                     self._beat()
             except Exception:  # a bug of the scheduler itself: fail this batch's requests, keep serving
                 log.exception("generation step failed")
                 self._fail(list(self._running.values()), ServeError(500, "generation failed inside the server; "
                                                                          "see the server log, then retry"))
+                for generation in batch.active:
+                    batch.remove(generation)
                 self._running.clear()
                 batch = None
         leftover = [*self._waiting, *self._running.values()]
         while not self._inbox.empty():
             leftover.append(self._inbox.get())
         self._fail([job for job in leftover if job], ServeError(503, "the server is shutting down; retry later"))
+
+    def _step(self, batch: Batch) -> None:
+        calls = batch.prefill_calls, batch.decode_calls, batch.decoded_rows
+        self._deliver(batch.step())
+        self.metrics.count("mindvl_prefill_calls_total", batch.prefill_calls - calls[0])
+        self.metrics.count("mindvl_decode_steps_total", batch.decode_calls - calls[1])
+        self.metrics.count("mindvl_decode_rows_total", batch.decoded_rows - calls[2])
 
     def _beat(self) -> None:
         self._progress = time.monotonic()
@@ -167,19 +178,21 @@ class Scheduler:
         return batch if batch is not None and batch.active else None
 
     def _open(self) -> Batch:
-        """A batch at the cache the first B waiting requests need: the largest of the caches each would take."""
-        first = itertools.islice(self._waiting, self.batch_size)
-        return Batch(self.runtime.artifacts, self.batch_size, max(job.text.cache for job in first))
+        """A batch at the cache the first B waiting requests need (the largest of the caches each would take), in
+        the cache set that holds the longest prefix of one of them."""
+        first = list(itertools.islice(self._waiting, self.batch_size))
+        capacity = max(job.text.cache for job in first)
+        return self.runtime.pool.batch(self.batch_size, [capacity], [job.keys for job in first])
 
-    def _admit(self, batch: Batch) -> dict[Generation, Job]:
-        """Waiting jobs, in order, into the free rows while they fit the batch's cache; their vision graphs run
-        here."""
-        joining: dict[Generation, Job] = {}
-        while self._waiting and len(joining) < batch.free and self._waiting[0].text.cache <= batch.capacity:
+    def _admit(self, batch: Batch) -> None:
+        """Waiting jobs, in order, into the free rows while they fit the batch's cache, each into the row holding
+        the longest prefix of its prompt; their vision graphs run here (not for images in that prefix)."""
+        while self._waiting and batch.free and self._waiting[0].text.cache <= batch.capacity:
             job = self._waiting.popleft()
             try:
-                prompt = self.runtime.encode(job.prepared)
+                prompt = self.runtime.encode(job.prepared, skip_before=batch.reusable(job.keys))
                 generation = self.runtime.new_generation(prompt, job.max_new_tokens, job.sampling)
+                batch.add(generation)
             except MindVLError as e:
                 job.send(from_mindvl(e))
                 continue
@@ -188,10 +201,13 @@ class Scheduler:
                 continue
             finally:
                 self._beat()
-            joining[generation] = job
             self._running[generation] = job
+            job.cached_tokens = generation.start  # read by the event loop once the job's first event arrives
             self.metrics.count("mindvl_prompt_tokens_total", job.prompt_tokens)
-        return joining
+            self.metrics.count("mindvl_vision_cache_hits_total", prompt.vision_cache_hits)
+            if generation.start:
+                self.metrics.count("mindvl_prefix_hits_total")
+                self.metrics.count("mindvl_prefix_reused_tokens_total", generation.start)
 
     def _deliver(self, results: list[tuple[Generation, str]]) -> None:
         for generation, text in results:

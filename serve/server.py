@@ -14,6 +14,7 @@ import uvicorn
 
 from mindvl.errors import MindVLError
 from mindvl.runtime import Runtime
+from mindvl.runtime.runtime import PREFIX_CACHE_MB, VISION_CACHE_MB
 from mindvl.serve.app import Settings, create_app
 from mindvl.serve.guard import deadline_protocol, loopback, parse_origins
 from mindvl.serve.media import MediaPolicy
@@ -34,23 +35,26 @@ def serve(artifacts: str | Path, host: str = "127.0.0.1", port: int = 8000, medi
           model_name: str | None = None, max_body_mb: float = 20, request_timeout: float = 30,
           device: str | None = None, allow_media_network: Sequence[str] = (),
           allow_origin: Sequence[str] = (), max_images: int = 16, max_videos: int = 2, max_parts: int = 64,
-          max_text_chars: int | None = None, max_media_mb: float = 100, stall_timeout: float = 120) -> None:
+          max_text_chars: int | None = None, max_media_mb: float = 100, stall_timeout: float = 120,
+          prefix_cache_mb: float = PREFIX_CACHE_MB, vision_cache_mb: float = VISION_CACHE_MB) -> None:
     """`max_text_chars` None: CHARS_PER_CACHE_SLOT characters per slot of the largest KV cache."""
     positive = {"--max-concurrency": max_concurrency, "--max-body-mb": max_body_mb,
                 "--request-timeout": request_timeout, "--max-parts": max_parts, "--max-media-mb": max_media_mb,
                 "--max-text-chars": 1 if max_text_chars is None else max_text_chars, "--stall-timeout": stall_timeout}
-    positive_or_zero = {"--max-images": max_images, "--max-videos": max_videos}
+    positive_or_zero = {"--max-images": max_images, "--max-videos": max_videos, "--prefix-cache-mb": prefix_cache_mb,
+                        "--vision-cache-mb": vision_cache_mb}
     bad = [f"{flag} {value}" for flag, value in positive.items() if not value > 0]
     bad += [f"{flag} {value}" for flag, value in positive_or_zero.items() if not value >= 0]
     if bad:
-        raise MindVLError(f"{', '.join(bad)}: pass a positive value (--max-images and --max-videos may be 0)")
+        raise MindVLError(f"{', '.join(bad)}: pass a positive value (--max-images, --max-videos and the caches' "
+                          "sizes may be 0)")
     media = Path(media_dir).resolve() if media_dir else None
     if media is not None and not media.is_dir():
         raise MindVLError(f"--media-dir {media_dir} is not a folder; create it or name an existing one")
     networks, origins = parse_networks(allow_media_network), parse_origins(allow_origin)
     if networks and not allow_remote_media:
         raise MindVLError("--allow-media-network only matters with --allow-remote-media; add that flag or drop it")
-    runtime = Runtime.load(artifacts, device=device)
+    runtime = Runtime.load(artifacts, device=device, prefix_cache_mb=prefix_cache_mb, vision_cache_mb=vision_cache_mb)
     max_body = int(max_body_mb * 2**20)
     settings = Settings(
         model_name=model_name or Path(artifacts).resolve().name,

@@ -20,10 +20,15 @@ Video rule, for a clip of `total_frames` frames of h x w pixels:
   (4) Among the buckets with that frame count, apply the image rule to the frame size.
   The frames kept are index[i] = i * total_frames // F.
 
-Text rule: the smallest batch bucket >= batch; among the (prefill S, cache C) pairs with S <= C, S >= the prompt
-and C >= prompt + max_new_tokens, the smallest C, then the smallest S. A batch that is already running keeps its
-cache C, and only S is chosen. This is the one place that decides: the runtime, the batcher and the server all
-call `choose_text_buckets`.
+Text rule, for a prompt whose first `reused` tokens are already in the cache (0 when nothing is reused):
+  (1) the smallest batch bucket >= batch;
+  (2) when a prefill bucket holds the rest of the prompt whole: among the (prefill S, cache C) pairs with S <= C,
+      S >= the rest and C >= prompt + max_new_tokens, the smallest C, then the smallest S — one prefill call;
+  (3) else, chunked prefill: the smallest cache C >= prompt + max_new_tokens, and the rest is prefilled in chunks of
+      the largest prefill bucket <= C, the last chunk in the smallest prefill bucket that holds it.
+  A batch that is already running keeps its cache C, and only the calls are chosen. Only a prompt and its new
+  tokens beyond the largest cache are refused. This is the one place that decides: the runtime, the batcher and
+  the server all call `choose_text_buckets`.
 """
 
 from __future__ import annotations
@@ -284,10 +289,11 @@ class VideoChoice(_Resized):
 @dataclass(frozen=True)
 class TextChoice:
     batch: int
-    prefill: int
+    prefill: int  # the length of the last (or only) prefill call
     cache: int
     padding_tokens: int  # prefill positions past the prompt, per sequence
     unused_cache: int  # cache slots left after prompt + max_new_tokens
+    calls: tuple[int, ...] = ()  # the length of every prefill call, in order: more than one when chunked
 
 
 def choose_image_bucket(
@@ -329,42 +335,48 @@ def choose_video_bucket(
 
 
 class TextBucketError(BucketError):
-    """A prompt, or a prompt and its new tokens, that no text bucket takes: the numbers, for callers that word the
-    refusal for their own audience (a server's client cannot re-export)."""
+    """A prompt and its new tokens that no cache bucket holds: the numbers, for callers that word the refusal for
+    their own audience (a server's client cannot re-export)."""
 
     def __init__(self, message: str, prompt_tokens: int, max_new_tokens: int, spec: BucketSpec) -> None:
         super().__init__(message)
-        self.prompt_tokens, self.max_new_tokens = prompt_tokens, max_new_tokens
-        self.longest_prompt, self.largest_cache = spec.prefill[-1], spec.cache[-1]
+        self.prompt_tokens, self.max_new_tokens, self.largest_cache = prompt_tokens, max_new_tokens, spec.cache[-1]
 
 
 def choose_text_buckets(prompt_tokens: int, max_new_tokens: int, spec: BucketSpec, batch: int = 1,
-                        cache: int | None = None) -> TextChoice:
-    """The text rule of the module docstring; `cache`: the cache bucket of a batch already running."""
+                        cache: int | None = None, reused: int = 0) -> TextChoice:
+    """The text rule of the module docstring; `cache`: the cache bucket of a batch already running; `reused`:
+    prompt tokens already in the cache."""
     if batch > spec.batch[-1]:
         raise BucketError(f"batch of {batch} sequences; the largest batch bucket is {spec.batch[-1]}: add it "
                           f"(batch: [..., {batch}]) to the bucket spec and re-export")
-    if prompt_tokens > spec.prefill[-1]:
+    total, rest = prompt_tokens + max_new_tokens, prompt_tokens - reused
+    if prompt_tokens >= spec.cache[-1]:
         raise TextBucketError(
-            f"prompt is {prompt_tokens} tokens; the largest prefill bucket is {spec.prefill[-1]}: add a longer one "
-            f"(prefill: [..., {_pow2(prompt_tokens)}]) to the bucket spec and re-export",
+            f"prompt is {prompt_tokens} tokens, and the largest cache bucket ({spec.cache[-1]}) must hold it and its "
+            f"new tokens: add a cache bucket (cache: [..., {_pow2(total)}]) and re-export, or shorten the prompt",
             prompt_tokens, max_new_tokens, spec)
-    total = prompt_tokens + max_new_tokens
     if total > spec.cache[-1]:
         raise TextBucketError(
             f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens, more than the "
             f"largest cache bucket {spec.cache[-1]}: lower max_new_tokens to <= {spec.cache[-1] - prompt_tokens}, "
             f"or add a cache bucket (cache: [..., {_pow2(total)}]) and re-export",
             prompt_tokens, max_new_tokens, spec)
-    # Non-empty without `cache`: validation keeps every prefill <= the largest cache.
-    pairs = [(s, c) for s, c in spec.prefill_cache_pairs()
-             if s >= prompt_tokens and c >= total and (cache is None or c == cache)]
-    if not pairs:
+    caches = [c for c in spec.cache if c >= total and spec.prefill[0] <= c and (cache is None or c == cache)]
+    if not caches:
         raise BucketError(f"prompt of {prompt_tokens} tokens + {max_new_tokens} new tokens does not fit the running "
                           f"batch's {cache}-slot cache; wait for a batch with a larger cache")
-    s, c = min(pairs, key=lambda sc: (sc[1], sc[0]))
+    whole = [(s, c) for s, c in spec.prefill_cache_pairs() if s >= rest and c in caches]
+    if whole:
+        s, c = min(whole, key=lambda sc: (sc[1], sc[0]))
+        calls = (s,)
+    else:
+        c = caches[0]
+        chunk = max(s for s in spec.prefill if s <= c)
+        full = (rest - 1) // chunk
+        calls = (chunk,) * full + (min(s for s in spec.prefill if s >= rest - full * chunk),)
     b = min(x for x in spec.batch if x >= batch)
-    return TextChoice(b, s, c, s - prompt_tokens, c - total)
+    return TextChoice(b, calls[-1], c, sum(calls) - rest, c - total, calls)
 
 
 def _fit(height: int, width: int, buckets: Sequence[Union[ImageBucket, VideoBucket]], factor: int,

@@ -12,6 +12,7 @@ prompt's tokens counted; `check_length` may refuse the prompt then, before a sin
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,14 @@ class Visual:
     pixels: np.ndarray  # [t*h*w, C*T*P*P] float32
     grid: np.ndarray  # [3] int64: t, h, w in patches
     choice: Optional[Union[ImageChoice, VideoChoice]]  # the bucket taken, when bucketed
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """What its vision graph is fed, hashed: equal for the same bytes fitted to the same bucket (the vision
+        cache's and prefix reuse's notion of the same image)."""
+        h = hashlib.blake2b(self.grid.tobytes(), digest_size=16)
+        h.update(memoryview(np.ascontiguousarray(self.pixels)).cast("B"))
+        return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -58,14 +58,28 @@ def exported(tmp_path_factory, checkpoint):
 # Batch buckets up to 4, two caches, a video bucket: the export the batching, fault and mixed-traffic tests share.
 BATCH4_SPEC = {"images": ["112x112", "224x224"], "videos": [{"frames": 4, "size": "112x112"}], "batch": [1, 4],
                "prefill": [64, 128, 256], "cache": [256, 512]}
+# Prefill buckets far shorter than the caches: ordinary prompts are prefilled in 2-5 chunks (the reuse tests).
+SMALL_PREFILL_SPEC = {"images": ["112x112", "224x224"], "videos": [{"frames": 4, "size": "112x112"}], "batch": [1],
+                      "prefill": [32, 64], "cache": [256, 512]}
 
 
-@pytest.fixture(scope="session")
-def batch4(exported, tmp_path_factory):
-    """The tiny checkpoint exported at BATCH4_SPEC, once per session. Tests must not modify it."""
+def export_tiny(checkpoint, tmp_path_factory, name: str, spec: dict):
+    """The tiny checkpoint exported at bucket spec `spec` (a dict as in YAML) into a new temporary folder `name`."""
     from mindvl.export import export_artifacts
     from mindvl.shapes.buckets import BucketSpec
 
-    out = tmp_path_factory.mktemp("batch4") / "artifacts"
-    export_artifacts(exported("tiny")[0], out, BucketSpec.from_dict(BATCH4_SPEC), log=lambda line: None)
+    out = tmp_path_factory.mktemp(name) / "artifacts"
+    export_artifacts(checkpoint("tiny"), out, BucketSpec.from_dict(spec), log=lambda line: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def batch4(checkpoint, tmp_path_factory):
+    """The tiny checkpoint exported at BATCH4_SPEC, once per session. Tests must not modify it."""
+    return export_tiny(checkpoint, tmp_path_factory, "batch4", BATCH4_SPEC)
+
+
+@pytest.fixture(scope="session")
+def small_prefill(checkpoint, tmp_path_factory):
+    """The tiny checkpoint exported at SMALL_PREFILL_SPEC, once per session. Tests must not modify it."""
+    return export_tiny(checkpoint, tmp_path_factory, "small-prefill", SMALL_PREFILL_SPEC)

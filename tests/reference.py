@@ -51,9 +51,18 @@ def hf_inputs(
     model_dir: str | os.PathLike, text: str, images: Sequence = (), videos: Sequence[np.ndarray] = ()
 ) -> dict[str, np.ndarray]:
     """Model inputs for one user turn: images (PIL or HxWx3 uint8), then videos ([T, H, W, 3] uint8), then text."""
-    processor = _processor(str(model_dir))
     content = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + [{"type": "text", "text": text}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return hf_chat_inputs(model_dir, [{"role": "user", "content": content}], images, videos)
+
+
+def hf_chat_inputs(
+    model_dir: str | os.PathLike, messages: Sequence[dict], images: Sequence = (), videos: Sequence[np.ndarray] = ()
+) -> dict[str, np.ndarray]:
+    """Model inputs for a whole conversation with the generation prompt: `messages` as the chat template takes them
+    (content as lists of parts), whose {"type": "image"} and {"type": "video"} parts take `images` and `videos` in
+    order."""
+    processor = _processor(str(model_dir))
+    prompt = processor.apply_chat_template(list(messages), add_generation_prompt=True)
     batch = processor(
         text=[prompt],
         images=list(images) or None,

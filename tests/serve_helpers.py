@@ -68,11 +68,11 @@ class DecodeGate:
         self.holding = threading.Event()  # a decode call has waited at the gate since it was last closed
         run = runtime.artifacts.run
 
-        def gated_run(spec, inputs):
+        def gated_run(spec, inputs, *cache_set):
             if spec.kind == "decode" and not self._open.is_set():
                 self.holding.set()
                 self._open.wait()
-            return run(spec, inputs)
+            return run(spec, inputs, *cache_set)
 
         runtime.artifacts.run = gated_run
 

@@ -255,10 +255,24 @@ def test_text_buckets() -> None:
     assert (choose_text_buckets(200, 10, spec).prefill, choose_text_buckets(200, 10, spec).cache) == (512, 1024)
 
 
+def test_a_prompt_longer_than_every_prefill_bucket_is_prefilled_in_chunks() -> None:
+    # 1500 + 10 fits the 2048 cache; chunks of the largest prefill bucket (1024), the last (476) in 512.
+    long = choose_text_buckets(1500, 10, DEFAULT)
+    assert (long.cache, long.calls, long.prefill, long.padding_tokens) == (2048, (1024, 512), 512, 36)
+    # A prompt that ends exactly on a chunk boundary: no padding, no extra call.
+    boundary = choose_text_buckets(1024 + 512, 10, DEFAULT)
+    assert (boundary.calls, boundary.padding_tokens) == ((1024, 512), 0)
+    # A reused prefix leaves only the rest to prefill: one call when it fits a bucket.
+    assert choose_text_buckets(1500, 10, DEFAULT, reused=1400).calls == (128,)
+    # The cache is chosen for prompt + new tokens, the chunks within it (prefill [128], cache [300, 1024]).
+    small = BucketSpec.from_dict({"prefill": [128], "cache": [300, 1024], "batch": [1]})
+    assert choose_text_buckets(290, 10, small).calls == (128, 128, 128)
+    assert choose_text_buckets(290, 10, small).cache == 300
+
+
 def test_text_errors_say_the_numbers_and_the_fix() -> None:
-    message = raises(lambda: choose_text_buckets(3000, 10, DEFAULT))
-    assert message == ("prompt is 3000 tokens; the largest prefill bucket is 1024: add a longer one "
-                       "(prefill: [..., 4096]) to the bucket spec and re-export")
+    raises(lambda: choose_text_buckets(3000, 10, DEFAULT), "prompt is 3000 tokens", "largest cache bucket (2048)",
+           "cache: [..., 4096]", "shorten the prompt")
     # 900 + 2000 = 2900 > 2048; at most 2048 - 900 = 1148 new tokens fit.
     raises(lambda: choose_text_buckets(900, 2000, DEFAULT), "900", "2000", "2900", "2048",
            "max_new_tokens to <= 1148", "cache: [..., 4096]")

@@ -43,10 +43,10 @@ class Faults:
                 generation.take = faulty_take(generation, generation.take, sampling.seed)
             return generation
 
-        def faulty_run(spec, inputs):
+        def faulty_run(spec, inputs, *cache_set):
             if np.isnan(inputs["embeds"]).any():
                 raise RuntimeError("injected device fault")
-            return run(spec, inputs)
+            return run(spec, inputs, *cache_set)
 
         monkeypatch.setattr(runtime, "new_generation", faulty_generation)
         monkeypatch.setattr(runtime.artifacts, "run", faulty_run)
@@ -89,10 +89,12 @@ def test_a_fault_in_one_row_of_a_batch_fails_that_row_alone(runtime, singles, mo
     normal = [generation(poem), generation(colours)]
     faulty = [generation(poem, PREFILL), generation(colours, DECODE)]
     # One prefill call for all four rows fails on the NaN row; the rows are then run one by one.
-    batch.add([faulty[0], normal[0], faulty[1], normal[1]])
+    for g in (faulty[0], normal[0], faulty[1], normal[1]):
+        batch.add(g)
+    batch.step()
     assert faulty[0].finish == "error" and "injected device fault" in str(faulty[0].error)
-    batch.add([generation(poem, SAMPLER)])  # into the row the failed prefill freed
-    sampler = batch.active[0]
+    sampler = generation(poem, SAMPLER)
+    batch.add(sampler)  # into the row the failed prefill freed
     while batch.active:
         batch.step()
     assert [g.text for g in normal] == [singles[poem], singles[colours]]

@@ -61,10 +61,15 @@ def run_to_end(batch):
         batch.step()
 
 
+def add(batch, generations):
+    for g in generations:
+        batch.add(g)
+
+
 def test_a_full_batch_answers_as_each_request_alone(runtime, media, singles):
     batch = Batch(runtime.artifacts, 4, 512)
     generations = [generation(runtime, media, i) for i in range(4)]
-    batch.add(generations)
+    add(batch, generations)
     run_to_end(batch)
     assert [g.token_ids for g in generations] == [singles[i][0] for i in range(4)]
     assert [g.text for g in generations] == [singles[i][1] for i in range(4)]
@@ -73,15 +78,15 @@ def test_a_full_batch_answers_as_each_request_alone(runtime, media, singles):
 def test_requests_join_and_leave_a_running_batch(runtime, media, singles):
     batch = Batch(runtime.artifacts, 4, 512)
     first = [generation(runtime, media, i) for i in (0, 1)]
-    batch.add(first)
+    add(batch, first)
     for _ in range(3):
         batch.step()
     later = [generation(runtime, media, i) for i in (2, 3)]
-    batch.add(later)  # rows 0 and 1 idle through this prefill, mid-generation
+    add(batch, later)  # rows 0 and 1 idle through this prefill, mid-generation
     batch.step()
     batch.remove(first[1])  # cancelled: its row is free for the next request
     last = generation(runtime, media, 5)
-    batch.add([last])
+    batch.add(last)
     run_to_end(batch)
     assert [g.token_ids for g in (first[0], *later, last)] == [singles[i][0] for i in (0, 2, 3, 5)]
     assert first[1].token_ids == singles[1][0][: len(first[1].token_ids)]

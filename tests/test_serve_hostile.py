@@ -157,7 +157,7 @@ def video_as_data_url(server, media):
 
 
 def images_beyond_the_prompt_counted_from_headers(server, media):
-    # 8 images of 224x224 are 8 x 64 visual tokens, past the longest prompt (256): refused before decoding, which
+    # 8 images of 224x224 are 8 x 64 visual tokens, past the largest cache (512): refused before decoding, which
     # would fail on these header-only PNGs.
     parts = [{"type": "image_url", "image_url": {"url": b64(png_header_only(224, 224))}}] * 8
     return post(server, chat(server, [{"role": "user", "content": [*parts, {"type": "text", "text": "Compare."}]}]))
@@ -308,8 +308,9 @@ HOSTILE = {
     remote_url: (400, ["remote media URLs are refused", "--allow-remote-media", "send the image as a data: URL"]),
     file_url: (400, ["file: URLs are not served", "send a data: URL or a file name inside"]),
     video_as_data_url: (400, ["a video is taken by its file name inside the server's --media-dir, not as a URL"]),
-    images_beyond_the_prompt_counted_from_headers: (400, [r"the prompt is \d+ tokens, longer than this server's "
-                                                          r"longest prompt \(256", "send fewer or smaller images"]),
+    images_beyond_the_prompt_counted_from_headers: (400, [r"the prompt is \d+ tokens, more than this server's "
+                                                          r"largest KV cache \(512 tokens\) holds",
+                                                          "send fewer or smaller images"]),
     too_many_images: (400, ["the request has 17 images, more than the 16 this server takes per request "
                             r"\(--max-images\); send fewer"]),
     too_many_videos: (400, [r"3 videos, more than the 2 .* \(--max-videos\)"]),
@@ -330,8 +331,8 @@ HOSTILE = {
     top_p_above_one: (400, ["^top_p: Input should be less than or equal to 1, got 1.5$"]),
     too_many_stops: (400, ["^stop: 5 stop strings; send at most 4$"]),
     stop_too_long: (400, ["^stop: String should have at most 256 characters"]),
-    prompt_beyond_every_bucket: (400, [r"the prompt is \d+ tokens, longer than this server's longest prompt \(256",
-                                       "shorten it"]),
+    prompt_beyond_every_bucket: (400, [r"the prompt is 15\d\d tokens, more than this server's largest KV cache "
+                                       r"\(512 tokens\) holds with room for an answer", "shorten it"]),
     max_tokens_beyond_the_cache: (400, [r"max_tokens \(1000\) is more than this server's largest KV cache \(512",
                                         r"lower max_tokens to <= \d+"]),
     wrong_api_key: (401, ["missing or wrong API key", "Authorization: Bearer KEY"]),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from media import sample_image
 
@@ -52,17 +53,15 @@ def test_the_batcher_prefills_at_the_length_the_policy_chooses(runtime):
     spec = runtime.buckets
     for cache in spec.cache:
         batch = Batch(runtime.artifacts, 4, cache)
-        for prompt in range(1, cache + 1, 5):
-            choice = policy(prompt, 0, spec, batch=4, cache=cache)
-            if choice is not None:
-                assert batch.graph_names(prompt) == (f"prefill_b4_s{choice.prefill}_c{cache}", f"decode_b4_c{cache}")
+        for remaining in range(1, cache, 5):
+            assert batch.prefill_length(remaining) == policy(remaining, 0, spec, batch=4, cache=cache).calls[0]
 
 
 def test_a_batch_opens_at_the_largest_cache_its_first_requests_take(runtime):
     scheduler = Scheduler(runtime, Metrics())
     spec = runtime.buckets
     for needs in ([(10, 20)], [(10, 20), (100, 300)], [(200, 50), (10, 10), (5, 5), (1, 1)]):
-        jobs = [SimpleNamespace(text=choose_text_buckets(p, n, spec, batch=4)) for p, n in needs]
+        jobs = [SimpleNamespace(text=choose_text_buckets(p, n, spec, batch=4), keys=np.arange(p)) for p, n in needs]
         scheduler._waiting.extend(jobs)
         assert scheduler._open().capacity == max(job.text.cache for job in jobs)
         scheduler._waiting.clear()

@@ -97,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="characters of text per request (default: 16 per slot of the largest KV cache)")
     serve.add_argument("--max-media-mb", type=float, default=100,
                        help="largest image or video file read from --media-dir (default: 100)")
+    serve.add_argument("--prefix-cache-mb", type=float, default=1024,
+                       help="KV cache memory kept so that requests starting the same way (the next turn of a chat) "
+                            "prefill only the rest; 0 turns prefix reuse off (default: 1024)")
+    serve.add_argument("--vision-cache-mb", type=float, default=256,
+                       help="visual tokens kept so that an image sent again is not encoded again; 0 turns it off "
+                            "(default: 256)")
     serve.add_argument("--stall-timeout", type=float, default=120,
                        help="seconds the worker may hold requests without completing a step before /health reports "
                             "it unhealthy (default: 120)")
@@ -147,7 +153,11 @@ def _generate(args: argparse.Namespace) -> None:
     if args.json:
         timings = {k: round(out.timings[k], 3) for k in ("vision", "prefill", "decode_per_token", "total")}
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
-                          "buckets": out.buckets, "timings_ms": timings}, ensure_ascii=False))
+                          "buckets": out.buckets, "timings_ms": timings,
+                          "prompt_tokens_reused": out.prompt_tokens_reused,
+                          "prompt_tokens_prefilled": out.prompt_tokens_prefilled,
+                          "prefill_chunks": out.prefill_chunks, "vision_cache_hits": out.vision_cache_hits},
+                         ensure_ascii=False))
     elif args.stream:
         print()
     else:
@@ -187,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                   allow_media_network=args.allow_media_network, allow_origin=args.allow_origin,
                   max_images=args.max_images, max_videos=args.max_videos, max_parts=args.max_parts,
                   max_text_chars=args.max_text_chars, max_media_mb=args.max_media_mb,
-                  stall_timeout=args.stall_timeout)
+                  stall_timeout=args.stall_timeout, prefix_cache_mb=args.prefix_cache_mb,
+                  vision_cache_mb=args.vision_cache_mb)
         return 0
     except MindVLError as e:
         if args.debug:

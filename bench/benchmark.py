@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from mindvl.errors import MindVLError
+from mindvl.plotting import pyplot
 from mindvl.shapes.buckets import BucketSpec
 from mindvl.shapes.config import ModelConfig, read_config
 from mindvl.shapes.image import ProcessorConfig, smart_resize
@@ -284,13 +285,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: str | Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MindVLError("--plot needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
     results = report["results"]
     modes = [r["mode"] for r in results]
     fig, (stages, decode) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -165,10 +165,12 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
         weights_sha256 = write_safetensors(tmp / "weights.safetensors",
                                            {w.name: arrays[w.name] for w in stored_weights(cfg)}, dtype)
         graphs = all_graphs(cfg, buckets, dtype)
+        seconds = {}  # per graph file: `mindvl plan` predicts the export time of the buckets it proposes from these
         for i, graph in enumerate(graphs, 1):
             begin = time.perf_counter()
             _export_graph(cfg, graph, weights, tmp)
-            log(f"[{i:>3}/{len(graphs)}] {graph.name:<28} {time.perf_counter() - begin:6.2f} s "
+            seconds[graph.file] = round(time.perf_counter() - begin, 3)
+            log(f"[{i:>3}/{len(graphs)}] {graph.name:<28} {seconds[graph.file]:6.2f} s "
                 f"{(tmp / graph.file).stat().st_size / 1024:8.1f} KB")
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
@@ -177,6 +179,8 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
         files = {str(p.relative_to(tmp)): {"sha256": weights_sha256 if p.name == "weights.safetensors"
                                            else file_sha256(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
+        for file, spent in seconds.items():
+            files[file]["export_s"] = spent
         manifest = Manifest(
             mindvl_version=__version__, mindspore_version=ms.__version__, model=cfg.to_dict(), dtype=dtype,
             buckets={**buckets.to_dict(), "dtype": dtype}, graphs=tuple(graphs),

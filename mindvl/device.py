@@ -15,11 +15,6 @@ def host_dtype(dtype: str) -> type:
     return {"float16": np.float16, "int32": np.int32}.get(dtype, np.float32)
 
 
-def dtype_bytes(dtype: str) -> int:
-    """Bytes per element of a tensor of `dtype` on the device."""
-    return {"float16": 2, "bfloat16": 2}.get(dtype, 4)
-
-
 def to_tensor(a: np.ndarray, dtype: str) -> ms.Tensor:
     a = np.ascontiguousarray(a, dtype=host_dtype(dtype))
     # from_numpy shares the array's memory instead of copying it.

@@ -20,10 +20,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from mindvl.device import dtype_bytes, host_dtype, to_tensor, zeros
+from mindvl.device import host_dtype, to_tensor, zeros
 from mindvl.errors import ArtifactError
 from mindvl.shapes.buckets import BucketSpec
-from mindvl.shapes.graphs import GraphSpec, TensorSpec, kv_cache_shape
+from mindvl.shapes.graphs import GraphSpec, TensorSpec, dtype_bytes, kv_cache_shape
 from mindvl.shapes.image import one_line
 from mindvl.shapes.manifest import MANIFEST, Manifest
 from mindvl.shapes.weights import manifest_weights, stored_weights

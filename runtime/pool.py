@@ -14,9 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
-from mindvl.device import dtype_bytes
 from mindvl.runtime.artifacts import Artifacts
 from mindvl.runtime.batch import Batch
+from mindvl.shapes.graphs import dtype_bytes
 
 
 class KVPool:

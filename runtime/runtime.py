@@ -27,6 +27,7 @@ from mindvl.runtime.pool import KVPool
 from mindvl.runtime.sampling import Sampling
 from mindvl.runtime.vision_cache import VisionCache
 from mindvl.shapes.buckets import TextChoice, choose_text_buckets
+from mindvl.shapes.graphs import GraphSpec
 from mindvl.shapes.processor import ImageInput, Prepared, Processor, VideoInput, Visual
 from mindvl.shapes.prompt import user_turn
 from mindvl.shapes.rope_index import rope_index
@@ -172,6 +173,12 @@ class Runtime:
         decoder = StreamDecoder(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         return Generation(prompt, max_new_tokens, sampling, decoder, frozenset(tokenizer.eos_token_ids), keep_logits)
 
+    def vision_graph(self, visual: Visual) -> GraphSpec:
+        """The vision or video graph of the bucket an image or video was fitted to."""
+        b = visual.choice.bucket
+        return self.artifacts.manifest.find("vision" if visual.kind == "image" else "video",
+                                            frames=getattr(b, "frames", 1), height=b.height, width=b.width)
+
     def _spans(self, prepared: Prepared) -> list[tuple[Visual, np.ndarray]]:
         """Each image and video with the prompt positions of its pad tokens."""
         ids, merge = prepared.input_ids[0], self.config.vision.spatial_merge_size
@@ -191,9 +198,7 @@ class Runtime:
         for visual, positions in self._spans(prepared):
             if positions[-1] < skip_before:
                 continue
-            b = visual.choice.bucket
-            spec = self.artifacts.manifest.find("vision" if visual.kind == "image" else "video",
-                                                frames=getattr(b, "frames", 1), height=b.height, width=b.width)
+            spec = self.vision_graph(visual)
             features = self.vision_cache.get(spec.name, visual.digest)
             if features is None:
                 cos, sin = vision_rotary(visual.grid[None], v.head_dim, v.spatial_merge_size)

@@ -24,6 +24,7 @@ from mindvl.serve.media import MediaPolicy
 from mindvl.serve.metrics import Metrics
 from mindvl.serve.scheduler import Scheduler
 from mindvl.serve.schema import Limits
+from mindvl.serve.shapelog import ShapeLog
 
 log = logging.getLogger("mindvl.serve")
 
@@ -40,13 +41,14 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()  # web pages that may call it (CORS), as scheme://host[:port]
     limits: Limits = Limits()  # what one request may hold
     stall_timeout: float = 120.0  # seconds the worker may hold work without completing a step before /health fails
+    shape_log: ShapeLog | None = None  # --log-shapes: where each chat completion's shapes are appended
 
 
 def create_app(runtime: Runtime, settings: Settings) -> FastAPI:
     metrics = Metrics()
     scheduler = Scheduler(runtime, metrics)
     completions = Completions(runtime, scheduler, metrics, settings.media, settings.model_name,
-                              settings.max_concurrency, settings.limits)
+                              settings.max_concurrency, settings.limits, settings.shape_log)
     metrics.gauge("mindvl_queue_depth", "Requests queued for the batch.", lambda: scheduler.queue_depth)
     metrics.gauge("mindvl_running_sequences", "Sequences generating in the batch.", lambda: scheduler.running)
     metrics.gauge("mindvl_requests_in_flight", "Chat completions accepted and not yet answered.",

@@ -81,6 +81,13 @@ HELP = {
     "mindvl_prefix_reused_tokens_total": "Prompt tokens a cache row held already, not prefilled again.",
     "mindvl_vision_cache_hits_total": "Images and videos whose visual tokens came from the vision cache.",
     "mindvl_decode_rows_total": "Rows decoded, summed over decode steps: divided by the steps, the mean batch use.",
+    "mindvl_bucket_inputs_total": "Images and videos fitted to each vision or video graph's bucket.",
+    "mindvl_bucket_padded_tokens_total": "Tokens computed that carry nothing the input has, by graph: a vision or "
+                                         "video bucket's beyond the image (upscaled, stretched), a prefill graph's "
+                                         "past the prompt.",
+    "mindvl_bucket_lost_tokens_total": "Native tokens of images and videos that their vision or video bucket cannot "
+                                       "hold (scaled down), by graph.",
+    "mindvl_bucket_requests_total": "Requests admitted, by the prefill graph of their last prefill call.",
     "mindvl_time_to_first_token_seconds": "From a request's arrival to its first generated token, queueing included.",
     "mindvl_time_per_output_token_seconds": "Between consecutive generated tokens of one request.",
     "mindvl_request_duration_seconds": "From a chat completion's arrival to its last byte.",

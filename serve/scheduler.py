@@ -36,7 +36,7 @@ from mindvl.runtime.generation import Generation
 from mindvl.runtime.sampling import Sampling
 from mindvl.serve.errors import ServeError, from_mindvl
 from mindvl.serve.metrics import Metrics
-from mindvl.shapes.buckets import TextChoice
+from mindvl.shapes.buckets import TextChoice, choose_text_buckets
 from mindvl.shapes.processor import Prepared
 
 log = logging.getLogger("mindvl.serve")
@@ -208,6 +208,25 @@ class Scheduler:
             if generation.start:
                 self.metrics.count("mindvl_prefix_hits_total")
                 self.metrics.count("mindvl_prefix_reused_tokens_total", generation.start)
+            self._count_buckets(job, batch, generation.start)
+
+    def _count_buckets(self, job: Job, batch: Batch, reused: int) -> None:
+        """Per graph, what fitting this request to its buckets cost: the series that show when the buckets no longer
+        suit the traffic (`mindvl plan`). Every image and video counts, encoded or found in a cache."""
+        for visual in job.prepared.visuals:
+            graph, fit = self.runtime.vision_graph(visual).name, visual.choice.fit
+            groups = int(visual.grid[0])  # a video's frames go in temporal patches, each wasting what a frame does
+            self.metrics.count("mindvl_bucket_inputs_total", graph=graph)
+            self.metrics.count("mindvl_bucket_padded_tokens_total", round(fit.waste * groups), graph=graph)
+            self.metrics.count("mindvl_bucket_lost_tokens_total", round(fit.lost * groups), graph=graph)
+        # The rule's last prefill call for this row in this batch, as `Output.buckets` reports it; rows prefilled
+        # together run the longest row's call.
+        text = choose_text_buckets(job.prompt_tokens, job.max_new_tokens, self.runtime.buckets, batch.size,
+                                   batch.capacity, reused)
+        graph = self.runtime.artifacts.manifest.find("prefill", batch=text.batch, seq=text.prefill,
+                                                     cache=text.cache).name
+        self.metrics.count("mindvl_bucket_requests_total", graph=graph)
+        self.metrics.count("mindvl_bucket_padded_tokens_total", text.padding_tokens, graph=graph)
 
     def _deliver(self, results: list[tuple[Generation, str]]) -> None:
         for generation, text in results:

@@ -2,16 +2,9 @@
 
 A spec is YAML (keys in README.md, "Buckets"); named presets ship in `presets/NAME.yaml`.
 
-Image rule, for an image of h x w pixels (H x W everywhere):
-  (1) the deployment's pixel ceiling is min(max_pixels, largest bucket's pixels);
-  (2) need = h'*w' where (h', w') = smart_resize(h, w, factor, min_pixels, ceiling) -- i.e. what the model's own
-      processor would do with that ceiling, so a large photo is scaled down the way transformers would, never
-      cropped;
-  (3) candidates = buckets with pixels >= need;
-  (4) pick the candidate whose aspect ratio is closest in log space (|log((H_b/W_b)/(h/w))|), ties -> fewer
-      pixels, then -> name.
-  The image is then resized to the bucket; ImageChoice reports the scale, the aspect distortion and the share of
-  the bucket's tokens beyond what the processor would have made.
+Image rule: `shapes.fit` (the image's native size under the model's own pixel limits; the admissible bucket that
+  keeps at least `fidelity_floor` of its tokens with the least waste + lost tokens). The image is then resized to
+  the bucket; ImageChoice reports the scale, the aspect distortion, and the tokens wasted and lost.
 
 Video rule, for a clip of `total_frames` frames of h x w pixels:
   (1) The candidates are the buckets with at most `total_frames` frames (frames are never invented).
@@ -36,19 +29,19 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from fractions import Fraction
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 import yaml
 
 from mindvl.errors import MindVLError
+from mindvl.shapes.fit import FIDELITY_FLOOR, Fit, best_fit
 from mindvl.shapes.image import one_line, smart_resize
 from mindvl.shapes.video import FPS, MAX_FRAMES, MIN_FRAMES, sample_frame_indices
 
-KEYS = ("images", "videos", "batch", "prefill", "cache", "dtype")
+KEYS = ("images", "videos", "batch", "prefill", "cache", "dtype", "fidelity_floor")
 DTYPES = ("float32", "float16", "bfloat16")
 _EXAMPLES = {"images": "[224x224, 448x336]", "videos": "[{frames: 8, size: 224x224}]", "batch": "[1]",
              "prefill": "[128, 256]", "cache": "[1024, 2048]"}
@@ -109,6 +102,7 @@ class BucketSpec:
     prefill: tuple[int, ...]
     cache: tuple[int, ...]
     dtype: str = "float32"
+    fidelity_floor: float = FIDELITY_FLOOR  # the share of its native tokens an image keeps when a bucket allows
 
     def __post_init__(self) -> None:
         # Sorted and de-duplicated so that two specs with the same buckets compare equal.
@@ -121,6 +115,10 @@ class BucketSpec:
             object.__setattr__(self, key, tuple(value))
         if self.dtype not in DTYPES:
             raise BucketError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        floor = self.fidelity_floor
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+            raise BucketError(f"fidelity_floor: {floor!r} must be a share of the native tokens between 0 and 1, "
+                              f"e.g. fidelity_floor: {FIDELITY_FLOOR}")
         unusable = [s for s in self.prefill if s > self.cache[-1]]
         if unusable:
             raise BucketError(
@@ -142,7 +140,8 @@ class BucketSpec:
         images = [ImageBucket(*_size(s, "images", factor)) for s in _list(d, "images", required=False)]
         videos = [_video(v, factor) for v in _list(d, "videos", required=False)]
         ints = {key: tuple(_list(d, key, required=True)) for key in ("batch", "prefill", "cache")}
-        return cls(tuple(images), tuple(videos), dtype=d.get("dtype", "float32"), **ints)
+        return cls(tuple(images), tuple(videos), dtype=d.get("dtype", "float32"),
+                   fidelity_floor=d.get("fidelity_floor", FIDELITY_FLOOR), **ints)
 
     @classmethod
     def from_yaml(cls, path: Union[str, Path], factor: int = 28) -> BucketSpec:
@@ -177,6 +176,8 @@ class BucketSpec:
             d["images"] = [b.name for b in self.images]
         if self.videos:
             d["videos"] = [{"frames": b.frames, "size": f"{b.height}x{b.width}"} for b in self.videos]
+        if self.fidelity_floor != FIDELITY_FLOOR:  # the default is left out, as older specs and manifests have it
+            d["fidelity_floor"] = self.fidelity_floor
         return {**d, "batch": list(self.batch), "prefill": list(self.prefill), "cache": list(self.cache),
                 "dtype": self.dtype}
 
@@ -236,11 +237,13 @@ def _video(entry: Any, factor: int) -> VideoBucket:
 
 
 class _Resized:
-    """What resizing `source` (h, w) to the bucket costs; `native` is what the processor alone would make of it."""
+    """What resizing `source` (h, w) to the bucket costs; `native` is what the model's processor alone would make of
+    it (`shapes.fit`)."""
 
     bucket: Union[ImageBucket, VideoBucket]
     source: tuple[int, int]
     native: tuple[int, int]
+    fit: Fit = field(compare=False, repr=False)
 
     @property
     def scale_y(self) -> float:
@@ -256,13 +259,20 @@ class _Resized:
 
     @property
     def extra_pixel_fraction(self) -> float:
-        return (self.bucket.pixels - self.native[0] * self.native[1]) / self.bucket.pixels
+        """The share of the bucket's tokens that carry nothing the image has."""
+        return float(self.fit.waste / self.fit.tokens)
+
+    @property
+    def lost_tokens(self) -> float:
+        """Native tokens (per frame, for a video) that the bucket cannot hold."""
+        return float(self.fit.lost)
 
     def describe(self) -> str:
         sy, sx = f"{self.scale_y:.2f}", f"{self.scale_x:.2f}"
         scale = sy if sy == sx else f"y {sy}, x {sx}"
+        lost = f", {self.lost_tokens:.0f} of {self.fit.native_tokens} native tokens lost" if self.fit.lost else ""
         return (f"{self.source[0]}x{self.source[1]} → bucket {self.bucket.name} (scale {scale}, "
-                f"{self.extra_pixel_fraction:.0%} of tokens beyond native {self.native[0]}x{self.native[1]})")
+                f"{self.extra_pixel_fraction:.0%} of tokens beyond native {self.native[0]}x{self.native[1]}{lost})")
 
 
 @dataclass(frozen=True)
@@ -270,6 +280,7 @@ class ImageChoice(_Resized):
     bucket: ImageBucket
     source: tuple[int, int]
     native: tuple[int, int]
+    fit: Fit = field(compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -277,6 +288,7 @@ class VideoChoice(_Resized):
     bucket: VideoBucket
     source: tuple[int, int]
     native: tuple[int, int]
+    fit: Fit = field(compare=False, repr=False)
     total_frames: int
     wanted_frames: int
     frame_indices: np.ndarray = field(compare=False, repr=False)
@@ -297,19 +309,20 @@ class TextChoice:
 
 
 def choose_image_bucket(
-    height: int, width: int, buckets: Sequence[ImageBucket], *, factor: int, min_pixels: int, max_pixels: int
+    height: int, width: int, buckets: Sequence[ImageBucket], *, factor: int, min_pixels: int, max_pixels: int,
+    floor: float = FIDELITY_FLOOR,
 ) -> ImageChoice:
     """The image rule of the module docstring."""
     if not buckets:
         raise BucketError(f"this artifact has no image buckets; re-export with images: {_EXAMPLES['images']}")
-    bucket, native = _fit(height, width, buckets, factor, min_pixels, max_pixels, "image",
-                          lambda size: f"images: [..., {size}]")
-    return ImageChoice(bucket, (height, width), native)
+    native = smart_resize(height, width, factor, min_pixels, max_pixels)
+    bucket, fit = best_fit(buckets, (height, width), native, factor, floor)
+    return ImageChoice(bucket, (height, width), native, fit)
 
 
 def choose_video_bucket(
     total_frames: int, native_fps: float, height: int, width: int, buckets: Sequence[VideoBucket], *,
-    factor: int, min_pixels: int, max_pixels: int, fps: float = FPS,
+    factor: int, min_pixels: int, max_pixels: int, fps: float = FPS, floor: float = FIDELITY_FLOOR,
 ) -> VideoChoice:
     """The video rule of the module docstring."""
     if not buckets:
@@ -328,10 +341,10 @@ def choose_video_bucket(
                                     max_frames=MAX_FRAMES))
     frames = min({b.frames for b in fitting}, key=lambda f: (abs(f - want), -f))
     same = [b for b in fitting if b.frames == frames]
-    bucket, native = _fit(height, width, same, factor, min_pixels, max_pixels, f"{frames}-frame video",
-                          lambda size: f"videos: [..., {{frames: {frames}, size: {size}}}]")
+    native = smart_resize(height, width, factor, min_pixels, max_pixels)
+    bucket, fit = best_fit(same, (height, width), native, factor, floor)
     indices = np.arange(frames, dtype=np.int64) * total_frames // frames
-    return VideoChoice(bucket, (height, width), native, total_frames, want, indices)
+    return VideoChoice(bucket, (height, width), native, fit, total_frames, want, indices)
 
 
 class TextBucketError(BucketError):
@@ -377,24 +390,6 @@ def choose_text_buckets(prompt_tokens: int, max_new_tokens: int, spec: BucketSpe
         calls = (chunk,) * full + (min(s for s in spec.prefill if s >= rest - full * chunk),)
     b = min(x for x in spec.batch if x >= batch)
     return TextChoice(b, calls[-1], c, sum(calls) - rest, c - total, calls)
-
-
-def _fit(height: int, width: int, buckets: Sequence[Union[ImageBucket, VideoBucket]], factor: int,
-         min_pixels: int, max_pixels: int, what: str, add: Callable[[str], str]) -> tuple[Any, tuple[int, int]]:
-    largest = max(buckets, key=lambda b: b.pixels)
-    native = smart_resize(height, width, factor, min_pixels, min(max_pixels, largest.pixels))
-    need = native[0] * native[1]
-    fits = [b for b in buckets if b.pixels >= need]
-    if not fits:
-        size = f"{native[0]}x{native[1]}"
-        raise BucketError(f"{what} {height}x{width} needs {size} = {need} pixels, more than the largest {what} bucket "
-                          f"{largest.name}: add one at least that large ({add(size)}) and re-export")
-    # max(r, 1/r) orders buckets exactly as |log r| does, and as an exact fraction it has no float ties.
-    def distance(b: Union[ImageBucket, VideoBucket]) -> Fraction:
-        r = Fraction(b.height * width, b.width * height)
-        return max(r, 1 / r)
-
-    return min(fits, key=lambda b: (distance(b), b.pixels, b.name)), native
 
 
 def _pow2(n: int) -> int:

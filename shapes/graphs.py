@@ -103,6 +103,11 @@ def text_graph(cfg: ModelConfig, batch: int, seq: int, capacity: int, dtype: str
         outputs=(TensorSpec("logits", (batch, 1, t.vocab_size), "float32"),))
 
 
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a tensor of `dtype`."""
+    return {"float16": 2, "bfloat16": 2}.get(dtype, 4)
+
+
 def all_graphs(cfg: ModelConfig, buckets: Any, dtype: str) -> list[GraphSpec]:
     """Every graph a bucket spec calls for: each image and video bucket, and per batch size one prefill graph
     per (prefill length, cache) pair with length ≤ cache and one decode graph per cache."""

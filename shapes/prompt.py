@@ -67,6 +67,14 @@ class ChatTemplate:
                                     **self.special)
 
 
+def text_tokens(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[dict]) -> int:
+    """A conversation's prompt tokens but its visual ones (which the buckets decide): the chat template's rendering
+    holds one pad token per image and video, which the visual tokens replace. What `mindvl plan` plans text for."""
+    pads = sum(1 for m in messages if isinstance(m.get("content"), list)
+               for part in m["content"] if part.get("type") in ("image", "video"))
+    return len(tokenizer.encode(template.render(messages))) - pads
+
+
 def chat_prompt(tokenizer_dir: str | os.PathLike, messages: Sequence[dict]) -> str:
     """A whole conversation through the folder's chat template (see `ChatTemplate.render`)."""
     return ChatTemplate(tokenizer_dir).render(messages)

@@ -142,65 +142,84 @@ def test_exact_size_picks_its_own_bucket(spec: BucketSpec) -> None:
 
 
 def test_portrait_and_landscape() -> None:
-    # 400/28 = 14.3 -> 392, 300/28 = 10.7 -> 308: native 392x308 = 120736 px, under the ceiling 672*672 = 451584.
-    # Candidates: >= 120736 px -> 448x448, 448x336, 336x448, 672x672; 448x336 has exactly the 4:3 aspect.
+    # 400/28 = 14.3 -> 392, 300/28 = 10.7 -> 308: native 392x308 = 154 tokens (of 784 px each).
+    # 448x336 (192 tokens) has exactly the 4:3 aspect: kept 154, waste 38, lost 0 -> cost 38. 448x448 (256 tokens,
+    # stretch 4/3) keeps 192 -> 154 as well but wastes 102; 672x672 wastes more; 224x224 keeps 64 * 3/4 = 48 < 77,
+    # half of 154: below the floor.
     portrait = image(400, 300)
     assert portrait.bucket.name == "448x336" and portrait.native == (392, 308)
     assert portrait.scale_y == portrait.scale_x == pytest.approx(1.12)  # 448/400, 336/300
-    assert portrait.extra_pixel_fraction == pytest.approx((150528 - 120736) / 150528)
+    assert portrait.extra_pixel_fraction == pytest.approx(38 / 192) and portrait.lost_tokens == 0
     assert portrait.describe() == "400x300 → bucket 448x336 (scale 1.12, 20% of tokens beyond native 392x308)"
     assert image(300, 400).bucket.name == "336x448"
 
 
 def test_640x480_photo() -> None:
-    # A 640 wide, 480 high photo. 480/28 = 17.1 -> 476, 640/28 = 22.9 -> 644: 306544 px <= 451584, no downscale.
-    # Only 672x672 (451584) has >= 306544 px, so it is stretched there; the 4:3 buckets are too small.
+    # 480/28 = 17.1 -> 476, 640/28 = 22.9 -> 644: native 391 tokens; the floor is 195.5.
+    # 336x448 (3:4, 192 tokens) keeps 192 < 195.5 and 448x448 keeps 256 * 3/4 = 192: both below the floor.
+    # 672x672 (576 tokens, stretch 4/3) keeps min(391, 432) = 391: admissible, waste 185.
     choice = image(480, 640)
     assert choice.bucket.name == "672x672" and choice.native == (476, 644)
     assert (choice.scale_y, choice.scale_x) == (pytest.approx(1.4), pytest.approx(1.05))  # 672/480, 672/640
     assert choice.aspect_distortion == pytest.approx(4 / 3)  # (672/672) / (480/640)
-    assert choice.extra_pixel_fraction == pytest.approx((451584 - 306544) / 451584)
-    # bench-2b: ceiling 448*448 = 200704; beta = sqrt(307200/200704) = 1.2372;
-    # 480/1.2372/28 = 13.9 -> 364, 640/1.2372/28 = 18.5 -> 504: need 183456 px, which only 448x448 holds.
+    assert choice.extra_pixel_fraction == pytest.approx(185 / 576) and choice.lost_tokens == 0
+    # bench-2b has no bucket that keeps 195.5: the one that keeps the most, 336x448 (192, undistorted) over
+    # 448x448 (192 too, more pixels).
     bench = image(480, 640, BucketSpec.preset("bench-2b").images)
-    assert bench.bucket.name == "448x448" and bench.native == (364, 504)
+    assert bench.bucket.name == "336x448" and bench.lost_tokens == 199
+    assert bench.describe().endswith("199 of 391 native tokens lost)")
 
 
-def test_large_photo_is_scaled_into_the_largest_fitting_aspect() -> None:
+def test_the_floor_decides_between_losing_tokens_and_wasting_them() -> None:
+    # A 448x448 image (256 tokens) between 336x336 (144 tokens: keeps 144, loses 112) and 672x672 (576 tokens:
+    # wastes 320). At floor 0.5, 144 >= 128 and losing 112 costs less than wasting 320; at 0.6, 144 < 153.6.
+    buckets = [ImageBucket(336, 336), ImageBucket(672, 672)]
+    assert image(448, 448, buckets).bucket.name == "336x336"
+    assert image(448, 448, buckets, floor=0.6).bucket.name == "672x672"
+    assert image(448, 448, buckets, floor=0).bucket.name == "336x336"
+
+
+def test_large_photo_below_every_bucket_takes_the_one_that_keeps_most() -> None:
     buckets = [ImageBucket(588, 588), ImageBucket(504, 672), ImageBucket(672, 504), ImageBucket(224, 224)]
-    # Ceiling: 588*588 = 345744. beta = sqrt(3000*4000/345744) = 5.8913;
-    # 3000/5.8913/28 = 18.2 -> 504, 4000/5.8913/28 = 24.2 -> 672: need 338688 px.
-    # Candidates: 588x588, 504x672, 672x504 (>= 338688); 504x672 has the photo's 3:4.
+    # beta = sqrt(3000*4000/1003520) = 3.4577; 3000/3.4577/28 = 31.0 -> 868 > ... smart_resize floors when over:
+    # native 840x1148 = 1230 tokens, floor 615. 504x672 (3:4, 432 tokens) keeps 432; 588x588 keeps 441 * 3/4 =
+    # 330.75; none reaches 615, so the one that keeps the most: 504x672, the photo's own aspect.
     choice = image(3000, 4000, buckets)
-    assert choice.bucket.name == "504x672" and choice.native == (504, 672)
+    assert choice.bucket.name == "504x672" and choice.native == (840, 1148)
     assert choice.scale_y == choice.scale_x == pytest.approx(0.168)  # 504/3000 = 672/4000
-    assert choice.extra_pixel_fraction == 0
+    assert choice.extra_pixel_fraction == 0 and choice.lost_tokens == 1230 - 432
 
 
 def test_square_tie_goes_to_fewer_pixels() -> None:
-    # 100/28 = 3.6 -> 112: need 12544 px; 224x224 and 448x448 are both square, 224x224 has fewer pixels.
+    # 100/28 = 3.6 -> 112: 16 tokens; 224x224 wastes 48, 448x448 wastes 240.
     assert image(100, 100, [ImageBucket(448, 448), ImageBucket(224, 224)]).bucket.name == "224x224"
+    # Two buckets of equal cost: 112x224 and 224x112 for a square 224x224 image (64 tokens), each keeping 32 of
+    # 64 (exactly the floor) with no waste: fewer pixels tie too, the name decides.
+    assert image(224, 224, [ImageBucket(224, 112), ImageBucket(112, 224)]).bucket.name == "112x224"
 
 
 def test_tiny_image_is_upscaled_by_min_pixels() -> None:
     # 20x30 rounds to 28x28 = 784 < 3136: beta = sqrt(3136/600) = 2.2862; ceil(20*2.2862/28) = ceil(1.63) = 2 -> 56,
-    # ceil(30*2.2862/28) = ceil(2.45) = 3 -> 84. Aspect 2:3; 168x224 (3:4) is closest: ratio 1.125 vs 1.5 for squares.
+    # ceil(30*2.2862/28) = ceil(2.45) = 3 -> 84: 6 tokens. 112x112 (16 tokens, stretch 1.5) keeps
+    # min(6, 16/1.5) = 6 and wastes 10; 168x224 (48 tokens, stretch 1.125) wastes 42.
     choice = image(20, 30, TINY.images)
-    assert choice.native == (56, 84) and choice.bucket.name == "168x224"
-    assert choice.extra_pixel_fraction == pytest.approx((37632 - 4704) / 37632)
+    assert choice.native == (56, 84) and choice.bucket.name == "112x112"
+    assert choice.extra_pixel_fraction == pytest.approx(10 / 16)
 
 
-def test_min_pixels_beyond_every_bucket_is_an_error() -> None:
-    # min_pixels 40000: 100x100 -> 112x112 = 12544 < 40000, beta = 2, ceil(200/28) = 8 -> 224x224 > 112x112.
-    raises(lambda: image(100, 100, [ImageBucket(112, 112)], min_pixels=40000),
-           "image 100x100", "224x224", "largest image bucket 112x112", "images: [..., 224x224]", "re-export")
+def test_min_pixels_beyond_every_bucket_is_served_and_reported() -> None:
+    # min_pixels 40000: 100x100 -> 224x224 (64 tokens) natively; the only bucket, 112x112, keeps 16 of them.
+    choice = image(100, 100, [ImageBucket(112, 112)], min_pixels=40000)
+    assert choice.bucket.name == "112x112" and choice.native == (224, 224) and choice.lost_tokens == 48
 
 
 def test_huge_aspect_ratio_is_squeezed_and_reported() -> None:
-    # 100/28 = 3.6 -> 112, 2000/28 = 71.4 -> 1988: need 222656 px; only 672x672 holds that many.
+    # 100/28 = 3.6 -> 112, 2000/28 = 71.4 -> 1988: 284 tokens. The image is 1:20, so every bucket stretches it by
+    # at least 15 (336x448): 672x672 keeps 576 / 20 = 28.8, the most, far below the floor of 142.
     choice = image(100, 2000)
     assert choice.bucket.name == "672x672" and choice.native == (112, 1988)
     assert choice.aspect_distortion == pytest.approx(20)  # (672/672) / (100/2000)
+    assert choice.lost_tokens == pytest.approx(284 - 28.8)
 
 
 def test_no_image_buckets() -> None:
@@ -211,14 +230,13 @@ def test_no_image_buckets() -> None:
 
 
 def test_video_takes_the_2fps_frame_count() -> None:
-    # 120 frames at 30 fps = 4 s -> 8 frames at 2 fps. Frame 240x320 against the 8-frame buckets: ceiling 224*224;
-    # beta = sqrt(76800/50176) = 1.2372, 240/1.2372/28 = 6.9 -> 168, 320/1.2372/28 = 9.2 -> 252: need 42336 px,
-    # which only 224x224 holds.
+    # 120 frames at 30 fps = 4 s -> 8 frames at 2 fps. Frame 240x320 (native 252x308, 99 tokens) against the 8-frame
+    # buckets: 224x224 keeps 64 * 3/4 = 48, 112x112 keeps 12; both are below the floor, 224x224 keeps more.
     choice = video(120, 30)
-    assert choice.bucket == VideoBucket(8, 224, 224) and choice.wanted_frames == 8 and choice.native == (168, 252)
+    assert choice.bucket == VideoBucket(8, 224, 224) and choice.wanted_frames == 8 and choice.native == (252, 308)
     assert choice.frame_indices.dtype == np.int64
     assert choice.frame_indices.tolist() == [0, 15, 30, 45, 60, 75, 90, 105]  # i * 120 // 8
-    # A 100x100 frame needs 112x112 = 12544 px: both 8-frame buckets are square, the smaller wins.
+    # A 100x100 frame is 112x112 natively (16 tokens): 112x112 holds it exactly.
     assert video(120, 30, 100, 100).bucket == VideoBucket(8, 112, 112)
 
 

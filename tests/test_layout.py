@@ -11,24 +11,28 @@ ROOT = Path(__file__).resolve().parent.parent
 # Package -> its folder in the repo (pyproject.toml's package-dir).
 FOLDERS = {"mindvl": ROOT / "mindvl", "mindvl.apps": ROOT / "mindvl" / "apps",
            "mindvl.testing": ROOT / "mindvl" / "testing", "mindvl.bench": ROOT / "bench",
-           "mindvl.export": ROOT / "export", "mindvl.qwen2vl": ROOT / "qwen2vl", "mindvl.runtime": ROOT / "runtime",
+           "mindvl.export": ROOT / "export", "mindvl.plan": ROOT / "plan", "mindvl.qwen2vl": ROOT / "qwen2vl",
+           "mindvl.runtime": ROOT / "runtime",
            "mindvl.serve": ROOT / "serve", "mindvl.shapes": ROOT / "shapes"}
-BASE = ("mindvl.errors", "mindvl.device", "mindvl.tensorfile")  # and `mindvl` itself, for its __version__
+# And `mindvl` itself, for its __version__.
+BASE = ("mindvl.errors", "mindvl.device", "mindvl.plotting", "mindvl.tensorfile")
 # Package -> the mindvl packages it must not import, and the outside ones.
+_APPS = ("mindvl.apps", "mindvl.bench", "mindvl.testing")  # above every library layer
 FORBIDDEN = {
     "mindvl": (("mindvl.",), ("torch", "transformers")),
-    "mindvl.shapes": (("mindvl.qwen2vl", "mindvl.export", "mindvl.runtime", "mindvl.serve", "mindvl.apps",
-                       "mindvl.bench", "mindvl.testing"), ("mindspore", "torch", "transformers")),
-    "mindvl.qwen2vl": (("mindvl.export", "mindvl.runtime", "mindvl.serve", "mindvl.apps", "mindvl.bench",
-                        "mindvl.testing"), ("torch", "transformers")),
-    "mindvl.export": (("mindvl.runtime", "mindvl.serve", "mindvl.apps", "mindvl.bench", "mindvl.testing"),
-                      ("torch", "transformers")),
-    "mindvl.runtime": (("mindvl.qwen2vl", "mindvl.export", "mindvl.serve", "mindvl.apps", "mindvl.bench",
-                        "mindvl.testing"), ("torch", "transformers", "fastapi", "uvicorn", "starlette")),
-    "mindvl.serve": (("mindvl.qwen2vl", "mindvl.export", "mindvl.apps", "mindvl.bench", "mindvl.testing"),
-                     ("torch", "transformers")),
-    "mindvl.testing": (("mindvl.qwen2vl", "mindvl.export", "mindvl.runtime", "mindvl.serve", "mindvl.apps",
-                        "mindvl.bench"), ("mindspore", "torch", "transformers")),
+    "mindvl.shapes": (("mindvl.plan", "mindvl.qwen2vl", "mindvl.export", "mindvl.runtime", "mindvl.serve", *_APPS),
+                      ("mindspore", "torch", "transformers")),
+    "mindvl.qwen2vl": (("mindvl.plan", "mindvl.export", "mindvl.runtime", "mindvl.serve", *_APPS),
+                       ("torch", "transformers")),
+    "mindvl.export": (("mindvl.plan", "mindvl.runtime", "mindvl.serve", *_APPS), ("torch", "transformers")),
+    "mindvl.runtime": (("mindvl.plan", "mindvl.qwen2vl", "mindvl.export", "mindvl.serve", *_APPS),
+                       ("torch", "transformers", "fastapi", "uvicorn", "starlette")),
+    "mindvl.serve": (("mindvl.plan", "mindvl.qwen2vl", "mindvl.export", *_APPS), ("torch", "transformers")),
+    # The planner reasons on shapes alone: it runs where MindSpore is not installed, and loads no model.
+    "mindvl.plan": (("mindvl.qwen2vl", "mindvl.export", "mindvl.runtime", "mindvl.serve", *_APPS),
+                    ("mindspore", "torch", "transformers")),
+    "mindvl.testing": (("mindvl.plan", "mindvl.qwen2vl", "mindvl.export", "mindvl.runtime", "mindvl.serve",
+                        "mindvl.apps", "mindvl.bench"), ("mindspore", "torch", "transformers")),
 }
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +72,28 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", help="write a PNG plot to this file")
     bench.add_argument("--device", choices=("CPU", "Ascend"), default=None)
 
+    plan = sub.add_parser("plan", help="choose the buckets from a workload sample, and show what each bucket costs")
+    plan.add_argument("target", help="a Hugging Face Qwen2-VL folder, or an artifact folder (whose export times "
+                                     "predict the plan's)")
+    plan.add_argument("--workload", required=True,
+                      help="a JSONL file of chat-completion request bodies or `mindvl serve --log-shapes` lines, or "
+                           "a folder of images and videos")
+    plan.add_argument("-o", "--output", required=True, help="the bucket spec YAML to write")
+    plan.add_argument("--max-graphs", type=int, default=12, help="graphs the spec may have (default: 12)")
+    plan.add_argument("--max-memory", type=float, help="GB the weights and every KV cache may take (default: any)")
+    plan.add_argument("--floor", type=float, default=0.5,
+                      help="the share of its native tokens every image must keep when the budget allows "
+                           "(default: 0.5; README.md, Buckets, says why)")
+    plan.add_argument("--against", help="a bucket spec YAML or preset name to score side by side")
+    plan.add_argument("--batch", help="batch buckets, comma-separated (default: from the concurrency of a "
+                                      "--log-shapes workload, else 1)")
+    plan.add_argument("--prompt-tokens", help="for a folder: text tokens per request, e.g. 64 or 64:0.7,512:0.3")
+    plan.add_argument("--max-tokens", type=int, default=256,
+                      help="new tokens of a request that does not say (default: 256)")
+    plan.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: the target's")
+    plan.add_argument("--json", help="write the report as JSON to this file")
+    plan.add_argument("--plot", help="draw the report to this PNG file")
+
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (POST /v1/chat/completions) over "
                                          "exported artifacts")
     serve.add_argument("artifacts")
@@ -106,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--stall-timeout", type=float, default=120,
                        help="seconds the worker may hold requests without completing a step before /health reports "
                             "it unhealthy (default: 120)")
+    serve.add_argument("--log-shapes", metavar="FILE",
+                       help="append one JSON line per chat completion with its shapes only (image sizes, video "
+                            "frames, size and fps, token counts; never its content), for `mindvl plan`")
     serve.add_argument("--model-name", help="the model id clients send (default: the artifact folder's name)")
     serve.add_argument("--max-body-mb", type=float, default=20, help="largest request body (default: 20)")
     serve.add_argument("--request-timeout", type=float, default=30,
@@ -129,6 +155,26 @@ def _bench(args: argparse.Namespace) -> None:
             json.dump(report, f, indent=1)
     if args.plot:
         plot(report, args.plot)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from mindvl.plan.command import run_plan
+    from mindvl.plan.planner import PlanError
+    from mindvl.plan.report import format_report, plot_report
+
+    try:
+        batch = tuple(int(b) for b in args.batch.split(",")) if args.batch else None
+    except ValueError:
+        raise PlanError(f"--batch {args.batch!r}: give batch sizes separated by commas, e.g. 1,4") from None
+    report = run_plan(args.target, args.workload, args.output, max_graphs=args.max_graphs,
+                      max_memory_gb=args.max_memory, floor=args.floor, against=args.against, batch=batch,
+                      prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, dtype=args.dtype)
+    print(format_report(report))
+    print(f"\nwrote {args.output}: mindvl export MODEL_DIR -o ARTIFACTS --buckets {args.output}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot_report(report, args.plot)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -187,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             _generate(args)
         elif args.command == "bench":
             _bench(args)
+        elif args.command == "plan":
+            _plan(args)
         elif args.command == "serve":
             from mindvl.serve import serve
 
@@ -198,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                   max_images=args.max_images, max_videos=args.max_videos, max_parts=args.max_parts,
                   max_text_chars=args.max_text_chars, max_media_mb=args.max_media_mb,
                   stall_timeout=args.stall_timeout, prefix_cache_mb=args.prefix_cache_mb,
-                  vision_cache_mb=args.vision_cache_mb)
+                  vision_cache_mb=args.vision_cache_mb, log_shapes=args.log_shapes)
         return 0
     except MindVLError as e:
         if args.debug:

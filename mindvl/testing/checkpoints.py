@@ -134,6 +134,20 @@ def write_checkpoint(
     return out
 
 
+def write_model_files(out_dir: str | os.PathLike, preset: str, **preprocessor: int) -> Path:
+    """A checkpoint's config, tokenizer and preprocessor files without its weights: all that `mindvl plan` reads,
+    for a model too large to write at random. `preprocessor` overrides preprocessor_config.json keys."""
+    if preset not in FIXTURES:
+        raise ValueError(f"unknown fixture preset {preset!r}; choose one of {sorted(FIXTURES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in _text_files(_config(preset, None, None)).items():
+        if name == "preprocessor_config.json":
+            text = _json({**json.loads(text), **preprocessor})
+        (out / name).write_text(text, encoding="utf-8")
+    return out
+
+
 def _config(preset: str, num_hidden_layers: int | None, vision_depth: int | None) -> dict:
     arch = json.loads(json.dumps(FIXTURES[preset]))  # deep copy
     if num_hidden_layers is not None:

@@ -9,6 +9,7 @@ must read (decoder weights + the KV cache filled so far) divided by that bandwid
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -33,7 +34,8 @@ from mindvl.shapes.manifest import MANIFEST, Manifest
 from mindvl.shapes.processor import Processor
 from mindvl.shapes.prompt import Tokenizer
 
-MODES = ("runtime", "graph", "pynative", "transformers")
+MODES = ("runtime", "onnx", "graph", "pynative", "transformers")  # runtime: MindIR graphs; onnx: the same, as ONNX
+EXPORTED = ("runtime", "onnx")  # the modes that run an artifact
 FILLER = "Please describe the picture in careful detail, naming every object, colour, shape and texture you see there. "
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -177,18 +179,16 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
     work.mkdir(parents=True, exist_ok=True)
     is_artifacts = (target / MANIFEST).is_file()
     model_dir = Path(model) if model else (None if is_artifacts else target)
-    if model_dir is None and set(modes) - {"runtime"}:
-        raise MindVLError(f"{target} is an artifact folder: modes {sorted(set(modes) - {'runtime'})} need the model "
-                          f"it was exported from; pass --model MODEL_DIR or --modes runtime")
+    if model_dir is None and set(modes) - set(EXPORTED):
+        raise MindVLError(f"{target} is an artifact folder: modes {sorted(set(modes) - set(EXPORTED))} need the model "
+                          f"it was exported from; pass --model MODEL_DIR or --modes runtime,onnx")
     unknown = set(modes) - set(MODES)
     if unknown:
         raise MindVLError(f"unknown bench modes {sorted(unknown)}; choose from {', '.join(MODES)}")
-    if "transformers" in modes:
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            log("transformers is not installed: skipping the transformers mode (pip install 'mindvl[test]')")
-            modes = tuple(m for m in modes if m != "transformers")
+    for mode, package, extra in (("transformers", "transformers", "test"), ("onnx", "onnxruntime", "onnx")):
+        if mode in modes and importlib.util.find_spec(package) is None:
+            log(f"{package} is not installed: skipping the {mode} mode (pip install 'mindvl[{extra}]')")
+            modes = tuple(m for m in modes if m != mode)
     tokenizer_dir = target / "tokenizer" if is_artifacts else model_dir
     if image is None:
         image = str(work / "bench-448x448.png")
@@ -202,19 +202,20 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
     else:
         artifacts, cfg = work / "artifacts", read_config(model_dir)
         spec = buckets or _auto_spec(model_dir, image, prompt, new_tokens, dtype)
-    if not is_artifacts and "runtime" in modes:
+    formats = [f for mode, f in (("runtime", "mindir"), ("onnx", "onnx")) if mode in modes]
+    if not is_artifacts and formats:
         (work / "buckets.yaml").write_text(json.dumps(spec.to_dict()))
-        log(f"exporting {model_dir} → {artifacts} (buckets: {spec.to_dict()})")
+        log(f"exporting {model_dir} → {artifacts} (buckets: {spec.to_dict()}, formats {formats})")
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "mindvl", "export", str(model_dir), "-o", str(artifacts),
-                        "--buckets", str(work / "buckets.yaml"), "--dtype", dtype, "--force"], check=True,
-                       stderr=subprocess.DEVNULL)
+                        "--buckets", str(work / "buckets.yaml"), "--dtype", dtype, "--force", "--format",
+                        ",".join(formats)], check=True, stderr=subprocess.DEVNULL)
         export_s = time.perf_counter() - start
     setup = {"artifacts": str(artifacts), "model": str(model_dir) if model_dir else None, "images": [image],
              "prompt": prompt, "new_tokens": new_tokens, "dtype": dtype, "buckets": spec.to_dict(), "device": device}
     (work / "setup.json").write_text(json.dumps(setup))
 
-    exported = is_artifacts or "runtime" in modes  # else work/artifacts may be an earlier run's
+    exported = is_artifacts or bool(formats)  # else work/artifacts may be an earlier run's
     weight_bytes = (artifacts / "weights.safetensors").stat().st_size if exported else sum(
         f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
     together = interleave(len(modes), weight_bytes)
@@ -231,7 +232,7 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
     step_bytes = decode_bytes(cfg, dtype, prompt_len + new_tokens // 2)
     roofline_ms = step_bytes / bandwidth * 1e3
     results = [_summary(m, ready[m], runs[m], stats[m], roofline_ms,
-                        {"export_s": export_s} if m == "runtime" else {}) for m in modes]
+                        {"export_s": export_s} if m in EXPORTED else {}) for m in modes]
     return {
         "date": str(date.today()),
         "machine": machine(),

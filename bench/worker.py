@@ -1,6 +1,6 @@
 """One `mindvl bench` mode in its own process, so each mode's memory and cold start are its own.
 
-    python -m mindvl.bench.worker MODE SETUP.json        MODE: runtime | graph | pynative | transformers
+    python -m mindvl.bench.worker MODE SETUP.json        MODE: runtime | onnx | graph | pynative | transformers
 
 Prints one JSON line when ready (cold start: process start → model loaded → first token), then answers
 each "run" line on stdin with one JSON line of timings, a JSON line {"messages": [...], "new_tokens": N} (a
@@ -29,12 +29,12 @@ def _messages(setup: dict, messages: Sequence[dict] | None) -> Sequence[dict]:
     return messages or [user_turn(setup["prompt"], len(setup["images"]), 0)]
 
 
-def _runtime(setup: dict) -> Callable[[], dict]:
+def _runtime(setup: dict, fmt: str = "mindir") -> Callable[[], dict]:
     from mindvl.runtime import Runtime
 
     # Every repeat sends the same request: without the caches off, repeats would measure prefix reuse and the vision
     # cache, not a request as it first arrives.
-    rt = Runtime.load(setup["artifacts"], device=setup.get("device"), prefix_cache_mb=0, vision_cache_mb=0)
+    rt = Runtime.load(setup["artifacts"], device=setup.get("device"), prefix_cache_mb=0, vision_cache_mb=0, fmt=fmt)
 
     def run(new_tokens: int, messages: Sequence[dict] | None = None) -> dict:
         out = rt.chat(_messages(setup, messages), images=setup["images"], max_new_tokens=new_tokens)
@@ -112,6 +112,8 @@ def main() -> None:
     mode, setup = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
     if mode == "runtime":
         run = _runtime(setup)
+    elif mode == "onnx":
+        run = _runtime(setup, "onnx")
     elif mode == "transformers":
         run = _transformers(setup)
     else:

@@ -1,6 +1,7 @@
-"""`mindvl export`: one MindIR graph per bucket, one copy of the weights, the tokenizer files, a manifest.
+"""`mindvl export`: one graph per bucket (MindIR, ONNX or both), one copy of the weights, the tokenizer files, a
+manifest.
 
-Graphs take their weights (and the KV cache) as inputs, so every .mindir holds only the computation and the
+Graphs take their weights (and the KV cache) as inputs, so every graph file holds only the computation and the
 weights exist once on disk (weights.safetensors) and once in the runtime's memory. The folder is assembled
 under a hidden temporary name and renamed into place only when complete.
 """
@@ -15,7 +16,7 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import mindspore as ms
 
@@ -27,7 +28,7 @@ from mindvl.qwen2vl.vision import VisionEncoder
 from mindvl.qwen2vl.weights import load_weights
 from mindvl.shapes.buckets import BucketSpec
 from mindvl.shapes.config import ModelConfig, read_config
-from mindvl.shapes.graphs import GraphSpec, all_graphs
+from mindvl.shapes.graphs import FORMATS, GraphSpec, all_graphs
 from mindvl.shapes.manifest import MANIFEST, Manifest, file_sha256
 from mindvl.shapes.weights import Weight, aliases, manifest_weights, stored_weights, weight_groups
 from mindvl.tensorfile import write_safetensors
@@ -40,6 +41,9 @@ REQUIRED_FILES = ("tokenizer.json", "preprocessor_config.json")
 
 
 def _export_graph(cfg: ModelConfig, graph: GraphSpec, weights: dict[str, tuple[ms.Tensor, ...]], folder: Path) -> None:
+    if graph.format == "onnx":
+        _export_onnx(cfg, graph, folder)
+        return
     if graph.weights == "vision":
         cell = VisionEncoder(cfg.vision, graph.bucket["groups"])
     else:
@@ -49,6 +53,30 @@ def _export_graph(cfg: ModelConfig, graph: GraphSpec, weights: dict[str, tuple[m
               file_format="MINDIR")
 
 
+def _export_onnx(cfg: ModelConfig, graph: GraphSpec, folder: Path) -> None:
+    """The graph built op by op (export/onnx_graphs.py), checked by onnx's own full check before it is written."""
+    onnx, onnx_graph = onnx_modules()
+    model = onnx_graph(cfg, graph, weight_groups(cfg)[graph.weights])
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:  # a bug of the builder, not of the user's input
+        raise ExportError(f"{graph.name}: the ONNX graph fails onnx's check ({str(e).splitlines()[0]}); export "
+                          f"--format mindir, and report this") from None
+    onnx.save(model, str(folder / graph.file))
+
+
+def onnx_modules() -> tuple:
+    """onnx and the graph builder, or an ExportError saying how to install them (they are an optional extra)."""
+    try:
+        import onnx
+
+        from mindvl.export.onnx_graphs import onnx_graph
+    except ImportError as e:
+        raise ExportError(f"--format onnx needs the onnx package ({e.name} is missing): pip install "
+                          f"\"mindvl[onnx]\"") from None
+    return onnx, onnx_graph
+
+
 def _checked(declared: Weight, tensor: ms.Tensor, dtype: str) -> ms.Tensor:
     """`tensor`, once it is what the manifest will say the graphs take in its place."""
     shape, found = tuple(tensor.shape), str(tensor.dtype).lower()
@@ -56,6 +84,19 @@ def _checked(declared: Weight, tensor: ms.Tensor, dtype: str) -> ms.Tensor:
         raise ExportError(f"weight {declared.name} is {list(shape)} {found}, but the model config declares "
                           f"{list(declared.shape)} {dtype}; check that the checkpoint matches its config.json")
     return tensor
+
+
+def _formats(formats: Sequence[str], dtype: str) -> tuple[str, ...]:
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ExportError(f"--format {','.join(formats)}: give one or more of {', '.join(FORMATS)}, comma-separated "
+                          f"(e.g. mindir,onnx)")
+    if "onnx" in formats:
+        if dtype != "float32":
+            raise ExportError(f"--format onnx writes float32 graphs, and the export's dtype is {dtype}: add --dtype "
+                              f"float32, or export {dtype} as --format mindir")
+        onnx_modules()
+    return tuple(dict.fromkeys(formats))
 
 
 def _check_target(out: Path, model_dir: Path, force: bool) -> None:
@@ -135,10 +176,13 @@ def _place(tmp: Path, out: Path, model_dir: Path, force: bool) -> None:
 
 
 def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: BucketSpec, dtype: str | None = None,
-                     force: bool = False, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Manifest:
-    """Export every graph `buckets` calls for; returns the manifest written into `out_dir`."""
+                     force: bool = False, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                     formats: Sequence[str] = ("mindir",)) -> Manifest:
+    """Export every graph `buckets` calls for, in each of `formats` (FORMATS); returns the manifest written into
+    `out_dir`."""
     model_dir, out = Path(model_dir), Path(out_dir)
     dtype = dtype or buckets.dtype
+    formats = _formats(formats, dtype)
     _check_target(out, model_dir, force)
     for name in REQUIRED_FILES:
         if not (model_dir / name).is_file():
@@ -164,7 +208,7 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
         (tmp / "tokenizer").mkdir()
         weights_sha256 = write_safetensors(tmp / "weights.safetensors",
                                            {w.name: arrays[w.name] for w in stored_weights(cfg)}, dtype)
-        graphs = all_graphs(cfg, buckets, dtype)
+        graphs = all_graphs(cfg, buckets, dtype, formats)
         seconds = {}  # per graph file: `mindvl plan` predicts the export time of the buckets it proposes from these
         for i, graph in enumerate(graphs, 1):
             begin = time.perf_counter()

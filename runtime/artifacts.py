@@ -14,7 +14,7 @@ import os
 import time
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mindspore as ms
 import numpy as np
@@ -110,7 +110,9 @@ def _fed(spec: GraphSpec, declared: TensorSpec, inputs: dict[str, np.ndarray]) -
 
 
 class Artifacts:
-    def __init__(self, folder: str | Path, verify: bool = True) -> None:
+    def __init__(self, folder: str | Path, verify: bool = True, fmt: str | None = None, provider: str = "CPU") -> None:
+        """`fmt`: which of the artifact's graph formats to run (default: MindIR when it has both); `provider`: the
+        onnxruntime execution provider for ONNX graphs ("CPU" or "CUDA")."""
         self.folder = Path(folder)
         if not self.folder.exists():
             left = sorted(self.folder.parent.glob(f".{glob.escape(self.folder.name)}.partial-*"))
@@ -119,8 +121,11 @@ class Artifacts:
                                 f"`mindvl export MODEL_DIR -o {self.folder}`")
         if not self.folder.is_dir():
             raise ArtifactError(f"{self.folder} is not a folder; pass the folder `mindvl export -o` wrote")
-        self.manifest = Manifest.read(self.folder)
-        self.manifest.check_made_by(self.folder, ms.__version__)
+        manifest = Manifest.read(self.folder)
+        self.format = fmt or manifest.formats[0]
+        self.manifest = manifest.only(self.format)
+        if self.format == "mindir":
+            self.manifest.check_made_by(self.folder, ms.__version__)
         check_cache_memory(self.manifest)
         self.config = self.manifest.config
         self.dtype = self.manifest.dtype
@@ -136,58 +141,100 @@ class Artifacts:
         if unlisted:
             raise ArtifactError(f"{unlisted[0]} in {self.folder} is not listed in {MANIFEST}, so it would be read "
                                 f"unverified; remove it, or re-export the artifacts")
-        self._load_weights(verify)
-        self._graphs: dict[str, nn.GraphCell] = {}
-        self.graph_load_ms = 0.0  # time spent loading graphs so far, all of it on first use
-        # (batch, cache, cache set) -> the cache inputs as declared, and their tensors
-        self._caches: dict[tuple[int, int, int], tuple[tuple[TensorSpec, ...], tuple[ms.Tensor, ...]]] = {}
+        arrays = self._load_weights(verify)
+        if self.format == "onnx":
+            from mindvl.runtime.onnx_graphs import OnnxGraphs
 
-    def _load_weights(self, verify: bool) -> None:
+            self.executor = OnnxGraphs(self.folder, self.manifest, arrays, provider)
+        else:
+            self.executor = MindSporeGraphs(self.folder, self.manifest, arrays)
+        self.graph_load_ms = 0.0  # time spent loading graphs so far, all of it on first use
+        self._loaded: set[str] = set()
+
+    def _load_weights(self, verify: bool) -> dict[str, np.ndarray]:
+        """The weights the graphs take, by name, in the host dtype; the embedding table is kept for the host."""
         w = self.manifest.weights
-        # Read into memory once, hashed in the same pass: device tensors and the host embedding table share it.
+        # Read into memory once, hashed in the same pass: the executor's tensors and the host table share it.
         sha256 = self.manifest.files[w["file"]]["sha256"] if verify else None
         arrays = read_weights(self.folder, self.manifest, mapped=False, sha256=sha256)
         arrays = {name: a.astype(host_dtype(self.dtype), copy=False) for name, a in arrays.items()}
         self.embed = arrays[w["embed"]["name"]]
         used = graph_weights(w)
-        tensors = {name: to_tensor(a, self.dtype) for name, a in arrays.items() if name in used}
-        self.weights = {group: tuple(tensors[w["aliases"].get(e["name"], e["name"])] for e in entries)
-                        for group, entries in w["groups"].items()}
+        return {name: a for name, a in arrays.items() if name in used}
 
     @property
     def tokenizer_dir(self) -> Path:
         return self.folder / "tokenizer"
 
-    def graph(self, spec: GraphSpec) -> nn.GraphCell:
+    def graph(self, spec: GraphSpec) -> Any:
         """The compiled graph, loaded (and its file hash checked) the first time it is needed."""
-        if spec.name not in self._graphs:
+        if spec.name not in self._loaded:
             start = time.perf_counter()
-            self._graphs[spec.name] = load_graph(self.folder, self.manifest, spec)
+            self.executor.graph(spec)
+            self._loaded.add(spec.name)
             self.graph_load_ms += (time.perf_counter() - start) * 1e3
-        return self._graphs[spec.name]
+        return self.executor.graph(spec)
 
-    def caches(self, spec: GraphSpec, cache_set: int = 0) -> tuple[ms.Tensor, ...]:
-        """A KV cache as the text graph declares it, allocated once per (batch, cache) bucket and `cache_set`: every
-        text graph of that size updates the same tensors in place. More than one set of a bucket keeps several
-        conversations' prefixes (`runtime/pool.py`)."""
-        key = (spec.bucket["batch"], spec.bucket["cache"], cache_set)
-        if key not in self._caches:
-            self._caches[key] = (spec.caches, tuple(zeros(c.shape, c.dtype) for c in spec.caches))
-        declared, tensors = self._caches[key]
-        if declared != spec.caches:
-            raise ArtifactError(f"{spec.file} declares other KV cache inputs in {MANIFEST} than the other graphs of "
-                                f"batch {key[0]} × cache {key[1]}, which share one cache; re-export the artifacts")
-        return tensors
+    def caches(self, spec: GraphSpec, cache_set: int = 0) -> tuple[Any, ...]:
+        """The KV cache tensors a text graph updates (one set per bucket and cache set; see `CacheSets`)."""
+        return self.executor.caches(spec, cache_set)
 
     def run(self, spec: GraphSpec, inputs: dict[str, np.ndarray], cache_set: int = 0) -> np.ndarray:
         """Feed one graph, as the manifest declares it, its data inputs (by name), its caches and its weights."""
-        args = [to_tensor(_fed(spec, t, inputs), t.dtype) for t in spec.inputs]
-        if spec.caches:
-            args += self.caches(spec, cache_set)
-        graph = self.graph(spec)
+        fed = [_fed(spec, t, inputs) for t in spec.inputs]
+        self.graph(spec)
+        return self.executor.run(spec, fed, cache_set)
+
+
+class MindSporeGraphs:
+    """MindIR graphs through `nn.GraphCell`: weights as device tensors, each KV cache a set of tensors that every
+    text graph of its (batch, cache) bucket updates in place."""
+
+    def __init__(self, folder: Path, manifest: Manifest, arrays: dict[str, np.ndarray]) -> None:
+        self.folder, self.manifest = folder, manifest
+        w = manifest.weights
+        tensors = {name: to_tensor(a, manifest.dtype) for name, a in arrays.items()}
+        self.weights = {group: tuple(tensors[w["aliases"].get(e["name"], e["name"])] for e in entries)
+                        for group, entries in w["groups"].items()}
+        self._graphs: dict[str, nn.GraphCell] = {}
+        self._caches = CacheSets(lambda c: zeros(c.shape, c.dtype))
+
+    def graph(self, spec: GraphSpec) -> nn.GraphCell:
+        if spec.name not in self._graphs:
+            self._graphs[spec.name] = load_graph(self.folder, self.manifest, spec)
+        return self._graphs[spec.name]
+
+    def caches(self, spec: GraphSpec, cache_set: int) -> tuple[ms.Tensor, ...]:
+        return self._caches.get(spec, cache_set)
+
+    def run(self, spec: GraphSpec, fed: list[np.ndarray], cache_set: int) -> np.ndarray:
+        args = [to_tensor(a, t.dtype) for a, t in zip(fed, spec.inputs, strict=True)]
+        args += self.caches(spec, cache_set)
         try:
-            return graph(*args, *self.weights[spec.weights]).asnumpy()
+            return self.graph(spec)(*args, *self.weights[spec.weights]).asnumpy()
         except (RuntimeError, TypeError, ValueError) as e:  # the graph file was verified, the manifest cannot be
             raise ArtifactError(f"{spec.file} refuses the inputs {MANIFEST} makes for it ({one_line(e)[:120]}): "
                                 f"its model config or weight groups may not match the graph; re-export the "
                                 f"artifacts") from None
+
+
+class CacheSets:
+    """KV caches as the text graphs declare them, allocated once per (batch, cache) bucket and cache set (`make`
+    allocates one tensor): every text graph of that size updates the same tensors in place. More than one set of a
+    bucket keeps several conversations' prefixes (`runtime/pool.py`)."""
+
+    def __init__(self, make: Callable[[TensorSpec], Any]) -> None:
+        self.make = make
+        self._sets: dict[tuple[int, int, int], tuple[tuple[TensorSpec, ...], tuple[Any, ...]]] = {}
+
+    def get(self, spec: GraphSpec, cache_set: int) -> tuple[Any, ...]:
+        if not spec.caches:
+            return ()
+        key = (spec.bucket["batch"], spec.bucket["cache"], cache_set)
+        if key not in self._sets:
+            self._sets[key] = (spec.caches, tuple(self.make(c) for c in spec.caches))
+        declared, tensors = self._sets[key]
+        if declared != spec.caches:
+            raise ArtifactError(f"{spec.file} declares other KV cache inputs in {MANIFEST} than the other graphs of "
+                                f"batch {key[0]} × cache {key[1]}, which share one cache; re-export the artifacts")
+        return tensors

@@ -70,12 +70,15 @@ class Runtime:
 
     @classmethod
     def load(cls, artifacts: str | Path, device: str | None = None, verify: bool = True,
-             prefix_cache_mb: float = PREFIX_CACHE_MB, vision_cache_mb: float = VISION_CACHE_MB) -> Runtime:
+             prefix_cache_mb: float = PREFIX_CACHE_MB, vision_cache_mb: float = VISION_CACHE_MB,
+             fmt: str | None = None, provider: str = "CPU") -> Runtime:
         """Check and load an artifact folder; `verify=False` skips hashing the weights file (graph and tokenizer
         files are always checked). `prefix_cache_mb`: the ceiling on KV cache memory kept for prefix reuse (the
-        cache sets of every bucket; 0 turns reuse off); `vision_cache_mb`: on visual tokens kept (0: none)."""
+        cache sets of every bucket; 0 turns reuse off); `vision_cache_mb`: on visual tokens kept (0: none).
+        `fmt`: the graphs to run, "mindir" (MindSpore) or "onnx" (onnxruntime, on `provider` "CPU" or "CUDA");
+        default: the artifact's MindIR graphs when it has them, else its ONNX graphs."""
         device = select_device(device)
-        loaded = Artifacts(artifacts, verify=verify)
+        loaded = Artifacts(artifacts, verify=verify, fmt=fmt, provider=provider)
         refuse_bfloat16_on_cpu(loaded.dtype, device)
         return cls(loaded, device, prefix_cache_mb, vision_cache_mb)
 

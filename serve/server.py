@@ -38,9 +38,10 @@ def serve(artifacts: str | Path, host: str = "127.0.0.1", port: int = 8000, medi
           allow_origin: Sequence[str] = (), max_images: int = 16, max_videos: int = 2, max_parts: int = 64,
           max_text_chars: int | None = None, max_media_mb: float = 100, stall_timeout: float = 120,
           prefix_cache_mb: float = PREFIX_CACHE_MB, vision_cache_mb: float = VISION_CACHE_MB,
-          log_shapes: str | Path | None = None) -> None:
+          log_shapes: str | Path | None = None, fmt: str | None = None, provider: str = "CPU") -> None:
     """`max_text_chars` None: CHARS_PER_CACHE_SLOT characters per slot of the largest KV cache; `log_shapes`: the
-    file each chat completion's shapes are appended to (`serve/shapelog.py`)."""
+    file each chat completion's shapes are appended to (`serve/shapelog.py`); `fmt`, `provider`: which graphs run
+    and where (`Runtime.load`)."""
     positive = {"--max-concurrency": max_concurrency, "--max-body-mb": max_body_mb,
                 "--request-timeout": request_timeout, "--max-parts": max_parts, "--max-media-mb": max_media_mb,
                 "--max-text-chars": 1 if max_text_chars is None else max_text_chars, "--stall-timeout": stall_timeout}
@@ -60,7 +61,7 @@ def serve(artifacts: str | Path, host: str = "127.0.0.1", port: int = 8000, medi
     shape_log = ShapeLog(log_shapes) if log_shapes else None  # before the runtime loads: a wrong path fails fast
     try:
         runtime = Runtime.load(artifacts, device=device, prefix_cache_mb=prefix_cache_mb,
-                               vision_cache_mb=vision_cache_mb)
+                               vision_cache_mb=vision_cache_mb, fmt=fmt, provider=provider)
         max_body = int(max_body_mb * 2**20)
         settings = Settings(
             model_name=model_name or Path(artifacts).resolve().name,

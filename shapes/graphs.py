@@ -13,9 +13,11 @@ one batch × cache size) and then the weights of the graph's group, in the manif
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from mindvl.shapes.config import ModelConfig
+
+FORMATS = ("mindir", "onnx")  # MindSpore MindIR (run by MindSpore), ONNX (run by onnxruntime)
 
 
 @dataclass(frozen=True)
@@ -41,21 +43,26 @@ class GraphSpec:
     caches: tuple[TensorSpec, ...]
     weights: str  # the weight group fed after inputs and caches: "vision" | "text"
     outputs: tuple[TensorSpec, ...]
+    format: str = "mindir"  # one of FORMATS: the file's, and which executor runs it
 
     @property
     def file(self) -> str:
-        return f"graphs/{self.name}.mindir"
+        return f"graphs/{self.name}.{self.format}"
+
+    def in_format(self, fmt: str) -> GraphSpec:
+        return GraphSpec(self.name, self.kind, self.bucket, self.inputs, self.caches, self.weights, self.outputs, fmt)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "file": self.file, "bucket": dict(self.bucket),
-                "inputs": [t.to_dict() for t in self.inputs], "caches": [t.to_dict() for t in self.caches],
-                "weights": self.weights, "outputs": [t.to_dict() for t in self.outputs]}
+        return {"name": self.name, "kind": self.kind, "format": self.format, "file": self.file,
+                "bucket": dict(self.bucket), "inputs": [t.to_dict() for t in self.inputs],
+                "caches": [t.to_dict() for t in self.caches], "weights": self.weights,
+                "outputs": [t.to_dict() for t in self.outputs]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GraphSpec:
         specs = lambda key: tuple(TensorSpec.from_dict(t) for t in d[key])  # noqa: E731
         return cls(d["name"], d["kind"], dict(d["bucket"]), specs("inputs"), specs("caches"), d["weights"],
-                   specs("outputs"))
+                   specs("outputs"), d.get("format", "mindir"))
 
 
 def vision_graph(cfg: ModelConfig, frames: int, height: int, width: int, dtype: str) -> GraphSpec:
@@ -103,12 +110,18 @@ def text_graph(cfg: ModelConfig, batch: int, seq: int, capacity: int, dtype: str
         outputs=(TensorSpec("logits", (batch, 1, t.vocab_size), "float32"),))
 
 
+def present_name(cache: str) -> str:
+    """An ONNX text graph's output that returns cache input `cache` with the call's slots written (MindIR graphs
+    update their cache inputs in place and return only the logits)."""
+    return f"{cache}.present"
+
+
 def dtype_bytes(dtype: str) -> int:
     """Bytes per element of a tensor of `dtype`."""
     return {"float16": 2, "bfloat16": 2}.get(dtype, 4)
 
 
-def all_graphs(cfg: ModelConfig, buckets: Any, dtype: str) -> list[GraphSpec]:
+def all_graphs(cfg: ModelConfig, buckets: Any, dtype: str, formats: Sequence[str] = ("mindir",)) -> list[GraphSpec]:
     """Every graph a bucket spec calls for: each image and video bucket, and per batch size one prefill graph
     per (prefill length, cache) pair with length ≤ cache and one decode graph per cache."""
     graphs = [vision_graph(cfg, 1, b.height, b.width, dtype) for b in buckets.images]
@@ -116,4 +129,4 @@ def all_graphs(cfg: ModelConfig, buckets: Any, dtype: str) -> list[GraphSpec]:
     for batch in buckets.batch:
         graphs += [text_graph(cfg, batch, seq, cache, dtype) for seq, cache in buckets.prefill_cache_pairs()]
         graphs += [text_graph(cfg, batch, 1, cache, dtype) for cache in buckets.cache]
-    return graphs
+    return [g.in_format(fmt) for fmt in formats for g in graphs]

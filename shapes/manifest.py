@@ -6,6 +6,7 @@ and outputs, the weight groups in graph-input order — so it never guesses and 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from typing import Any
 
 from mindvl.errors import ArtifactError
 from mindvl.shapes.config import ModelConfig
-from mindvl.shapes.graphs import GraphSpec
+from mindvl.shapes.graphs import FORMATS, GraphSpec
 from mindvl.shapes.manifest_check import check_manifest
 
 FORMAT = "mindvl-artifacts"
@@ -53,6 +54,18 @@ class Manifest:
             if g.name == name:
                 return g
         raise KeyError(name)
+
+    @property
+    def formats(self) -> list[str]:
+        """The graph formats the artifact holds, in the order of FORMATS."""
+        return [f for f in FORMATS if any(g.format == f for g in self.graphs)]
+
+    def only(self, fmt: str) -> Manifest:
+        """This manifest with the graphs of one format: what a runtime of that executor looks graphs up in."""
+        if fmt not in self.formats:
+            raise ArtifactError(f"this artifact has no {fmt} graphs (it has {', '.join(self.formats)}); re-export "
+                                f"with --format {','.join([*self.formats, fmt])}, or run it as {self.formats[0]}")
+        return dataclasses.replace(self, graphs=tuple(g for g in self.graphs if g.format == fmt))
 
     def find(self, kind: str, **bucket: int) -> GraphSpec:
         """The `kind` graph ("vision", "video", "prefill", "decode") exported at `bucket` (say batch=1, seq=64,

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from mindvl.errors import ArtifactError, MindVLError
 from mindvl.shapes.buckets import DTYPES, BucketSpec
 from mindvl.shapes.config import ModelConfig, TextConfig, VisionConfig
-from mindvl.shapes.graphs import GraphSpec
+from mindvl.shapes.graphs import FORMATS, GraphSpec
 from mindvl.shapes.weights import SPLITS
 
 
@@ -134,7 +134,10 @@ def _check_consistent(d: dict[str, Any]) -> None:
     w, files = d["weights"], d["files"]
     read = [("weights.file", w["file"])]
     for i, g in enumerate(d["graphs"]):
-        where, derived = f"graphs[{i}]", GraphSpec.from_dict(g).file
+        where = f"graphs[{i}]"
+        if g.get("format", "mindir") not in FORMATS:  # absent in manifests written before ONNX: MindIR
+            raise _Invalid(f"{where}.format is {_show(g['format'])}, not one of {', '.join(FORMATS)}")
+        derived = GraphSpec.from_dict(g).file
         if g["file"] != derived:
             raise _Invalid(f"{where} is named {g['name']!r} but its file is {g['file']!r}, not {derived!r}")
         if g["weights"] not in w["groups"]:

@@ -31,7 +31,7 @@ def test_bench_runs_every_mode(exported, tmp_path, capsys):
     assert main(["bench", str(model_dir), "--new-tokens", "4", "--repeats", "1", "--prompt-tokens", "8",
                  "--workdir", str(tmp_path / "work"), "--json", str(report_file), "--plot", str(plot_file)]) == 0
     report = json.loads(report_file.read_text())
-    assert [r["mode"] for r in report["results"]] == ["runtime", "graph", "pynative", "transformers"]
+    assert [r["mode"] for r in report["results"]] == ["runtime", "onnx", "graph", "pynative", "transformers"]
     for result in report["results"]:
         assert KEYS <= result.keys(), result.keys() ^ KEYS
         assert result["decode_steps"] == 3 and result["decode_ms_p50"] > 0
@@ -46,7 +46,7 @@ def test_bench_runs_every_mode(exported, tmp_path, capsys):
 def test_artifacts_alone_need_the_model_for_other_modes(exported, capsys):
     _, artifacts = exported("tiny")
     assert main(["bench", str(artifacts), "--modes", "runtime,graph"]) == 2
-    assert "pass --model MODEL_DIR or --modes runtime" in capsys.readouterr().err
+    assert "pass --model MODEL_DIR or --modes runtime,onnx" in capsys.readouterr().err
 
 
 def test_op_profile_accounts_for_a_graph_op_by_op(exported):

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--preset", help="a bucket preset shipped with mindvl (default: default)")
     export.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="overrides the spec's dtype")
     export.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    export.add_argument("--format", default="mindir",
+                        help="graph formats, comma-separated: mindir (default), onnx (needs the onnx extra), or both")
 
     inspect = sub.add_parser("inspect", help="what an artifact folder holds")
     inspect.add_argument("artifacts")
@@ -52,11 +54,16 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     generate.add_argument("--json", action="store_true", help="print one JSON object with ids, buckets, timings")
     generate.add_argument("--device", choices=("CPU", "Ascend"), default=None)
+    generate.add_argument("--format", choices=("mindir", "onnx"),
+                       help="which graphs to run when the artifact has both (default: mindir)")
+    generate.add_argument("--provider", choices=("CPU", "CUDA"), default="CPU",
+                       help="onnxruntime's execution provider for ONNX graphs (default: CPU)")
     bench = sub.add_parser("bench", help="runtime vs graph vs pynative vs transformers on one workload, "
                                          "against the memory roofline")
     bench.add_argument("target", metavar="MODEL_DIR_OR_ARTIFACTS")
-    bench.add_argument("--modes", default="runtime,graph,pynative,transformers",
-                       help="comma-separated subset of runtime,graph,pynative,transformers")
+    bench.add_argument("--modes", default="runtime,onnx,graph,pynative,transformers",
+                       help="comma-separated subset of runtime (MindIR graphs), onnx (the same graphs as ONNX, run "
+                            "by onnxruntime), graph, pynative, transformers")
     bench.add_argument("--model", help="the model folder, when TARGET is an artifact folder and other modes run")
     bench.add_argument("--image", help="image file (default: a 448x448 sample)")
     bench.add_argument("--prompt-tokens", type=int, default=32, help="length of the question in tokens")
@@ -137,6 +144,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout", type=float, default=30,
                        help="seconds a client may take to send a request's headers, then its body (default: 30)")
     serve.add_argument("--device", choices=("CPU", "Ascend"), default=None)
+    serve.add_argument("--format", choices=("mindir", "onnx"),
+                       help="which graphs to run when the artifact has both (default: mindir)")
+    serve.add_argument("--provider", choices=("CPU", "CUDA"), default="CPU",
+                       help="onnxruntime's execution provider for ONNX graphs (default: CPU)")
     return parser
 
 
@@ -182,13 +193,14 @@ def _export(args: argparse.Namespace) -> None:
     from mindvl.shapes.buckets import BucketSpec
 
     spec = BucketSpec.from_yaml(args.buckets) if args.buckets else BucketSpec.preset(args.preset or "default")
-    export_artifacts(args.model_dir, args.output, spec, dtype=args.dtype, force=args.force)
+    export_artifacts(args.model_dir, args.output, spec, dtype=args.dtype, force=args.force,
+                     formats=tuple(f.strip() for f in args.format.split(",") if f.strip()))
 
 
 def _generate(args: argparse.Namespace) -> None:
     from mindvl.runtime import Output, Runtime
 
-    rt = Runtime.load(args.artifacts, device=args.device)
+    rt = Runtime.load(args.artifacts, device=args.device, fmt=args.format, provider=args.provider)
     out = Output()
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, seed=args.seed, output=out)
@@ -246,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                   max_images=args.max_images, max_videos=args.max_videos, max_parts=args.max_parts,
                   max_text_chars=args.max_text_chars, max_media_mb=args.max_media_mb,
                   stall_timeout=args.stall_timeout, prefix_cache_mb=args.prefix_cache_mb,
-                  vision_cache_mb=args.vision_cache_mb, log_shapes=args.log_shapes)
+                  vision_cache_mb=args.vision_cache_mb, log_shapes=args.log_shapes, fmt=args.format,
+                  provider=args.provider)
         return 0
     except MindVLError as e:
         if args.debug:

@@ -2,6 +2,7 @@
 
     python bench/op_profile.py ARTIFACTS                         # lists the graphs
     python bench/op_profile.py ARTIFACTS --graph decode_b1_c512 --runs 5
+    python bench/op_profile.py ARTIFACTS --graph vision_448x448 --runs 3 --format onnx   # onnxruntime's profiler
 
 Feeds the graph synthetic inputs of its declared shapes (floats random, integers zero: valid positions, slots
 and indices), runs it once to load it and touch its memory, times `--runs` plain runs, then profiles `--runs`
@@ -56,7 +57,12 @@ def main() -> None:
     ap.add_argument("--graph", help="graph name from the manifest (omit to list them)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--top", type=int, default=10, help="how many single ops to list")
+    ap.add_argument("--format", choices=("mindir", "onnx"), default="mindir",
+                    help="profile the graph's MindIR (MindSpore's profiler) or ONNX file (onnxruntime's)")
     args = ap.parse_args()
+    if args.format == "onnx":
+        onnx_profile(args)
+        return
 
     import mindspore as ms
     from mindspore.profiler import ProfilerActivity, profile, tensorboard_trace_handler
@@ -102,6 +108,46 @@ def main() -> None:
         share = float(r["op_total_time(ms)"]) / runs / total
         print(f"| {r['op_name']} ({calls} per run) | {shapes.get(r['op_name'], '')} | "
               f"{float(r['op_avg_time(ms)']):.2f} | {share:.1%} |")
+
+
+def onnx_profile(args: argparse.Namespace) -> None:
+    """The op-type table of one ONNX graph, from onnxruntime's own profiler (per node kernel times)."""
+    import json
+    from collections import Counter
+
+    import onnxruntime as ort
+
+    from mindvl.runtime.artifacts import Artifacts
+
+    artifacts = Artifacts(args.artifacts, verify=False, fmt="onnx")
+    spec = artifacts.manifest.graph(args.graph)
+    options = ort.SessionOptions()
+    options.enable_profiling, options.log_severity_level = True, 3
+    with tempfile.TemporaryDirectory(prefix="mindvl-ort-profile-") as out:
+        options.profile_file_prefix = str(Path(out) / "ort")
+        session = ort.InferenceSession(str(args.artifacts / spec.file), options, providers=["CPUExecutionProvider"])
+        artifacts.executor._sessions[spec.name] = session  # the runtime's own binding, through a profiled session
+        inputs = synthetic_inputs(spec)
+        artifacts.run(spec, inputs)  # the warm-up's events are dropped below: only the last `runs` calls count
+        wall = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            artifacts.run(spec, inputs)
+            wall.append((time.perf_counter() - start) * 1e3)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_call = len(nodes) // (args.runs + 1)
+    nodes = nodes[per_call:]
+    ms, calls = Counter(), Counter()
+    for e in nodes:
+        ms[e["args"]["op_name"]] += e["dur"] / 1e3 / args.runs
+        calls[e["args"]["op_name"]] += 1
+    total = sum(ms.values())
+    print(f"{spec.name}, onnxruntime {ort.__version__}: wall {statistics.median(wall):.1f} ms per run (median of "
+          f"{args.runs}), ops {total:.1f} ms per run (profiled)\n")
+    print("| op type | calls per run | ms per run | share |\n|---|---|---|---|")
+    for op, value in ms.most_common():
+        print(f"| {op} | {calls[op] // args.runs} | {value:.2f} | {value / total:.1%} |")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,22 @@ def test_onnx_answers_as_transformers_and_as_mindir(both, kind):
         assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
 
 
+def test_the_vision_encoder_keeps_the_exact_gelu(both):
+    # The merger's GELU is erf's, as the reference's: a tanh approximation would move the visual tokens by ~4e-4.
+    import onnx
+
+    _, artifacts = both
+    graph = onnx.load(str(artifacts / "graphs" / "vision_224x224.onnx")).graph
+    kinds = {node.op_type for node in graph.node}
+    assert "Erf" in kinds and "Tanh" not in kinds and not graph.initializer  # and no weight baked in
+    onnx_rt, mindir = (Runtime.load(artifacts, fmt=f, vision_cache_mb=0) for f in ("onnx", "mindir"))
+    ours, theirs = (rt.artifacts.manifest.find("vision", frames=1, height=224, width=224) for rt in (onnx_rt, mindir))
+    rng = np.random.default_rng(3)
+    inputs = {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in ours.inputs}
+    ours, theirs = onnx_rt.artifacts.run(ours, inputs), mindir.artifacts.run(theirs, inputs)
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()  # measured 1.3e-5 and 2.7e-5
+
+
 def test_the_kv_cache_is_written_in_place(both):
     _, artifacts = both
     runtime = Runtime.load(artifacts, fmt="onnx", prefix_cache_mb=0)
@@ -163,6 +179,10 @@ def test_onnxruntime_missing_is_one_line(both, tmp_path):
         assert run.returncode == 2 and err.count("\n") == 0, (what, err)
         assert 'pip install "mindvl[onnx]"' in err, (what, err)
     assert not (tmp_path / "out").exists()
+    # The MindIR path needs neither.
+    run = subprocess.run([sys.executable, "-c", block, "generate", str(artifacts), "-p", "Hi", "--max-new-tokens",
+                          "2"], capture_output=True, text=True, timeout=300, env={"GLOG_v": "3", "PATH": ""})
+    assert run.returncode == 0, run.stderr
 
 
 def test_onnx_export_refuses_other_dtypes(checkpoint, tmp_path, capsys):

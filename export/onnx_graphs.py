@@ -33,16 +33,13 @@ def onnx_graph(cfg: ModelConfig, spec: GraphSpec, weights: Sequence[Weight]) -> 
         raise UnsupportedError(f"{spec.name}: ONNX export writes float32 graphs; export with --dtype float32, or "
                                f"--format mindir for float16 and bfloat16")
     g = _Graph()
+    outputs = [_value(spec.outputs[0])] + [_value(TensorSpec(present_name(c.name), c.shape, c.dtype))
+                                           for c in spec.caches]
     if spec.kind in ("vision", "video"):
-        out = _vision(g, cfg, spec)
-        outputs = [_value(TensorSpec(out, spec.outputs[0].shape, spec.outputs[0].dtype))]
+        out, presents = _vision(g, cfg, spec), {}
     else:
         out, presents = _text(g, cfg, spec)
-        outputs = [_value(TensorSpec(out, spec.outputs[0].shape, "float32"))]
-        outputs += [_value(TensorSpec(present_name(c.name), c.shape, c.dtype)) for c in spec.caches]
-        g.rename(presents)
-    g.rename({out: spec.outputs[0].name})
-    outputs[0].name = spec.outputs[0].name
+    g.rename({**presents, out: spec.outputs[0].name})
     inputs = [_value(t) for t in (*spec.inputs, *spec.caches)]
     inputs += [_value(TensorSpec(w.name, w.shape, "float32")) for w in weights]
     graph = helper.make_graph(g.nodes, spec.name, inputs, outputs)

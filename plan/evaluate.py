@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 
 from mindvl.errors import MindVLError
 from mindvl.plan.cost import CostModel
-from mindvl.plan.workload import Request, Video
+from mindvl.plan.workload import Request
 from mindvl.shapes.buckets import (
     BucketSpec,
+    ImageChoice,
     TextChoice,
+    VideoChoice,
     choose_image_bucket,
     choose_text_buckets,
     choose_video_bucket,
@@ -59,26 +61,20 @@ class Evaluation:
 
 def evaluate(spec: BucketSpec, requests: list[Request], cost: CostModel, proc: ProcessorConfig) -> Evaluation:
     out = Evaluation()
-    fit = {"factor": proc.factor, "min_pixels": proc.min_pixels, "max_pixels": proc.max_pixels,
-           "floor": spec.fidelity_floor}
     per_token = cost.visual_token_gflop()
     for request in requests:
         w = request.weight
         out.requests += w
         try:
-            visual, gflop, off = 0, 0.0, 0.0
-            fitted = [choose_image_bucket(h, wd, spec.images, **fit) for h, wd in request.images]
-            fitted += [_video_choice(v, spec, fit) for v in request.videos]
-            uses = []
+            fitted = fit_inputs(request, spec, proc)
+            gflop, off, uses = 0.0, 0.0, []
             for choice in fitted:
-                frames = getattr(choice.bucket, "frames", 1)
-                groups = max(1, frames // cost.cfg.vision.temporal_patch_size)
-                kept, waste, lost = (float(x) * groups for x in (choice.fit.kept, choice.fit.waste, choice.fit.lost))
-                visual += choice.fit.tokens * groups
-                gflop += cost.vision_gflop(frames, choice.bucket.height, choice.bucket.width)
+                waste, lost = float(choice.fit.waste) * choice.groups, float(choice.fit.lost) * choice.groups
+                gflop += cost.vision_gflop(getattr(choice.bucket, "frames", 1), choice.bucket.height,
+                                           choice.bucket.width)
                 off += (waste + lost) * per_token
                 uses.append((choice, waste, lost))
-            prompt = request.text_tokens + visual
+            prompt = request.text_tokens + visual_tokens(fitted)
             text = choose_text_buckets(prompt, request.max_tokens, spec, spec.batch[0])
         except MindVLError as e:
             out.refused += w
@@ -93,7 +89,7 @@ def evaluate(spec: BucketSpec, requests: list[Request], cost: CostModel, proc: P
             use.lost_tokens += w * lost
             use.below_floor += w * (not choice.fit.admissible(spec.fidelity_floor))
             use.stretch += w * float(choice.fit.stretch)
-            out.visual_tokens += w * choice.fit.tokens
+            out.visual_tokens += w * choice.fit.tokens * choice.groups
             out.waste_tokens += w * waste
             out.lost_tokens += w * lost
             out.below_floor += w * (not choice.fit.admissible(spec.fidelity_floor))
@@ -115,5 +111,14 @@ def text_gflop(text: TextChoice, prompt: int, new: int, cost: CostModel) -> tupl
     return spent, ideal
 
 
-def _video_choice(video: Video, spec: BucketSpec, fit: dict):
-    return choose_video_bucket(video.frames, video.fps, video.height, video.width, spec.videos, fps=FPS, **fit)
+def fit_inputs(request: Request, spec: BucketSpec, proc: ProcessorConfig) -> list[ImageChoice | VideoChoice]:
+    """The buckets the request's images, then videos, take by the fit rules (a BucketError when one takes none)."""
+    fit = proc.fit_args(spec.fidelity_floor)
+    return [*(choose_image_bucket(h, w, spec.images, **fit) for h, w in request.images),
+            *(choose_video_bucket(v.frames, v.fps, v.height, v.width, spec.videos, fps=FPS, **fit)
+              for v in request.videos)]
+
+
+def visual_tokens(fitted: list[ImageChoice | VideoChoice]) -> int:
+    """The prompt tokens these fitted inputs take."""
+    return sum(choice.fit.tokens * choice.groups for choice in fitted)

@@ -26,17 +26,16 @@ import numpy as np
 
 from mindvl.errors import MindVLError
 from mindvl.plan.cost import CostModel
-from mindvl.plan.evaluate import evaluate, text_gflop
+from mindvl.plan.evaluate import evaluate, fit_inputs, text_gflop, visual_tokens
 from mindvl.plan.workload import Request, Video
 from mindvl.shapes.buckets import (
     BucketSpec,
     ImageBucket,
     VideoBucket,
-    choose_image_bucket,
     choose_text_buckets,
     choose_video_bucket,
 )
-from mindvl.shapes.fit import FIDELITY_FLOOR, Fit
+from mindvl.shapes.fit import FIDELITY_FLOOR, Fit, rule_key
 from mindvl.shapes.image import ProcessorConfig, smart_resize
 from mindvl.shapes.video import FPS, MAX_FRAMES, MIN_FRAMES, sample_frame_indices
 
@@ -125,7 +124,7 @@ def _image_plans(images: dict, proc: ProcessorConfig, floor: float, room: int) -
     off = np.zeros(rank.shape)
     for i, (source, native) in enumerate(zip(sources, natives, strict=True)):
         fits = [Fit(c, source, native, proc.factor) for c in candidates]
-        order = sorted(range(len(candidates)), key=lambda j: _rule_key(fits[j], floor, candidates[j]))
+        order = sorted(range(len(candidates)), key=lambda j: rule_key(fits[j], floor))
         rank[i, order] = np.arange(len(candidates))
         below[i] = [not f.admissible(floor) for f in fits]
         off[i] = [float(f.waste + f.lost) for f in fits]
@@ -140,16 +139,10 @@ def _image_plans(images: dict, proc: ProcessorConfig, floor: float, room: int) -
             for k, chosen in _grow(len(candidates), min(room, len(candidates)), score).items()}
 
 
-def _rule_key(fit: Fit, floor: float, size: tuple[int, int]) -> tuple:
-    """`shapes.fit.best_fit`'s order (its name tie-break included: HxW)."""
-    score = (fit.waste + fit.lost,) if fit.admissible(floor) else (-fit.kept,)
-    return (not fit.admissible(floor), *score, size[0] * size[1], f"{size[0]}x{size[1]}")
-
-
 def _video_plans(videos: dict, proc: ProcessorConfig, floor: float, room: int) -> dict[int, tuple]:
     clips = list(videos)
     candidates = sorted({_video_candidate(v, proc) for v in clips}, key=lambda b: (b.frames, b.pixels, b.name))
-    fit = {"factor": proc.factor, "min_pixels": proc.min_pixels, "max_pixels": proc.max_pixels, "floor": floor}
+    fit = proc.fit_args(floor)
 
     def score(chosen: Sequence[int]) -> tuple[float, float]:
         below = off = 0.0
@@ -161,7 +154,7 @@ def _video_plans(videos: dict, proc: ProcessorConfig, floor: float, room: int) -
                 below, off = below + videos[clip], off + videos[clip] * 1e12
                 continue
             below += videos[clip] * (not c.fit.admissible(floor))
-            off += videos[clip] * float(c.fit.waste + c.fit.lost) * c.bucket.frames
+            off += videos[clip] * float(c.fit.waste + c.fit.lost) * c.groups
         return below, round(off, 6)
 
     return {k: tuple(candidates[j] for j in chosen)
@@ -232,22 +225,14 @@ def _text(base: BucketSpec, requests: list[Request], cost: CostModel, proc: Proc
 
 
 def _prompts(spec: BucketSpec, requests: list[Request], proc: ProcessorConfig) -> np.ndarray:
-    """Each request's prompt tokens once its images and videos take `spec`'s buckets (a video no bucket takes adds
-    nothing: the evaluation refuses its request anyway)."""
-    fit = {"factor": proc.factor, "min_pixels": proc.min_pixels, "max_pixels": proc.max_pixels,
-           "floor": spec.fidelity_floor}
+    """Each request's prompt tokens once its images and videos take `spec`'s buckets (the text alone for a request
+    whose inputs take none: the evaluation refuses it anyway)."""
     prompts = []
     for r in requests:
-        tokens = r.text_tokens
-        for h, w in r.images:
-            tokens += choose_image_bucket(h, w, spec.images, **fit).fit.tokens if spec.images else 0
-        for v in r.videos:
-            try:
-                c = choose_video_bucket(v.frames, v.fps, v.height, v.width, spec.videos, fps=FPS, **fit)
-                tokens += c.fit.tokens * (c.bucket.frames // 2)
-            except MindVLError:
-                continue
-        prompts.append(tokens)
+        try:
+            prompts.append(r.text_tokens + visual_tokens(fit_inputs(r, spec, proc)))
+        except MindVLError:
+            prompts.append(r.text_tokens)
     return np.array(prompts)
 
 

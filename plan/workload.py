@@ -15,6 +15,7 @@ import binascii
 import io
 import json
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -222,23 +223,16 @@ def _video(url: str, where: str, folder: Path) -> Video:
     return Video(header.total_frames, header.height, header.width, header.fps)
 
 
-class _as_file:
+@contextmanager
+def _as_file(source: bytes | Path) -> Iterator[Path]:
     """A path for a video's bytes (containers are probed from files)."""
-
-    def __init__(self, source: bytes | Path) -> None:
-        self.source, self._tmp = source, None
-
-    def __enter__(self) -> Path:
-        if isinstance(self.source, Path):
-            return self.source
-        self._tmp = tempfile.NamedTemporaryFile(suffix=".video")
-        self._tmp.write(self.source)
-        self._tmp.flush()
-        return Path(self._tmp.name)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._tmp is not None:
-            self._tmp.close()
+    if isinstance(source, Path):
+        yield source
+        return
+    with tempfile.NamedTemporaryFile(suffix=".video") as tmp:
+        tmp.write(source)
+        tmp.flush()
+        yield Path(tmp.name)
 
 
 def _check_size(height: int, width: int, where: str, kind: str) -> None:

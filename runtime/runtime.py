@@ -127,7 +127,7 @@ class Runtime:
         reused = batch.reusable(keys)
 
         begin = time.perf_counter()
-        encoded = self.encode(prepared, skip_before=reused)
+        encoded = self.encode(prepared, skip_before=reused, keys=keys)
         out.buckets = {"vision": encoded.vision_graphs}
         out.timings["vision"] = (time.perf_counter() - begin) * 1e3
 
@@ -161,13 +161,14 @@ class Runtime:
         ids = prepared.input_ids[0]
         return content_keys(ids, [(positions, visual.digest) for visual, positions in self._spans(prepared)])
 
-    def encode(self, prepared: Prepared, skip_before: int = 0) -> Prompt:
+    def encode(self, prepared: Prepared, skip_before: int = 0, keys: np.ndarray | None = None) -> Prompt:
         """Run the vision graphs and place their output: the prompt as the text graphs take it. Images and videos
-        that lie wholly before `skip_before` (a prefix the cache holds) are not encoded."""
+        that lie wholly before `skip_before` (a prefix the cache holds) are not encoded. `keys`: the prompt's
+        `prompt_keys`, when the caller has them already."""
         embeds, vision_graphs, hits = self._embed(prepared, skip_before)
         position_ids, rope_deltas = self._positions(prepared)
-        return Prompt(embeds, position_ids[:, 0], int(rope_deltas[0, 0]), self.prompt_keys(prepared), vision_graphs,
-                      hits)
+        keys = self.prompt_keys(prepared) if keys is None else keys
+        return Prompt(embeds, position_ids[:, 0], int(rope_deltas[0, 0]), keys, vision_graphs, hits)
 
     def new_generation(self, prompt: Prompt, max_new_tokens: int, sampling: Sampling,
                        keep_logits: bool = False) -> Generation:

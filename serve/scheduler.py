@@ -190,7 +190,7 @@ class Scheduler:
         while self._waiting and batch.free and self._waiting[0].text.cache <= batch.capacity:
             job = self._waiting.popleft()
             try:
-                prompt = self.runtime.encode(job.prepared, skip_before=batch.reusable(job.keys))
+                prompt = self.runtime.encode(job.prepared, skip_before=batch.reusable(job.keys), keys=job.keys)
                 generation = self.runtime.new_generation(prompt, job.max_new_tokens, job.sampling)
                 batch.add(generation)
             except MindVLError as e:
@@ -214,8 +214,7 @@ class Scheduler:
         """Per graph, what fitting this request to its buckets cost: the series that show when the buckets no longer
         suit the traffic (`mindvl plan`). Every image and video counts, encoded or found in a cache."""
         for visual in job.prepared.visuals:
-            graph, fit = self.runtime.vision_graph(visual).name, visual.choice.fit
-            groups = int(visual.grid[0])  # a video's frames go in temporal patches, each wasting what a frame does
+            graph, fit, groups = self.runtime.vision_graph(visual).name, visual.choice.fit, visual.choice.groups
             self.metrics.count("mindvl_bucket_inputs_total", graph=graph)
             self.metrics.count("mindvl_bucket_padded_tokens_total", round(fit.waste * groups), graph=graph)
             self.metrics.count("mindvl_bucket_lost_tokens_total", round(fit.lost * groups), graph=graph)

@@ -41,6 +41,7 @@ from mindvl.shapes.fit import FIDELITY_FLOOR, Fit, best_fit
 from mindvl.shapes.image import one_line, smart_resize
 from mindvl.shapes.video import FPS, MAX_FRAMES, MIN_FRAMES, sample_frame_indices
 
+TEMPORAL_PATCH = 2  # Qwen2-VL's vision encoder takes frames in pairs: a video's buckets have an even frame count
 KEYS = ("images", "videos", "batch", "prefill", "cache", "dtype", "fidelity_floor")
 DTYPES = ("float32", "float16", "bfloat16")
 _EXAMPLES = {"images": "[224x224, 448x336]", "videos": "[{frames: 8, size: 224x224}]", "batch": "[1]",
@@ -261,6 +262,11 @@ class _Resized:
     def extra_pixel_fraction(self) -> float:
         """The share of the bucket's tokens that carry nothing the image has."""
         return float(self.fit.waste / self.fit.tokens)
+
+    @property
+    def groups(self) -> int:
+        """Temporal groups the vision graph encodes, each as many tokens as one frame: 1 for an image."""
+        return max(1, getattr(self.bucket, "frames", 1) // TEMPORAL_PATCH)
 
     @property
     def lost_tokens(self) -> float:

@@ -68,13 +68,14 @@ class Fit:
 Bucket = TypeVar("Bucket")  # an ImageBucket or VideoBucket: anything with height, width and name
 
 
+def rule_key(fit: Fit, floor: float) -> tuple:
+    """The rule's order of buckets for one image: the lowest key is taken (ties: fewer pixels, then the name)."""
+    score = (fit.waste + fit.lost,) if fit.admissible(floor) else (-fit.kept,)
+    return (not fit.admissible(floor), *score, fit.size[0] * fit.size[1], f"{fit.size[0]}x{fit.size[1]}")
+
+
 def best_fit(buckets: Sequence[Bucket], source: tuple[int, int], native: tuple[int, int], factor: int,
              floor: float) -> tuple[Bucket, Fit]:
     """The bucket the rule of the module docstring gives an image of `source` pixels, and its fit."""
-    def key(bucket: Bucket) -> tuple:
-        fit = Fit((bucket.height, bucket.width), source, native, factor)
-        score = (fit.waste + fit.lost,) if fit.admissible(floor) else (-fit.kept,)
-        return (not fit.admissible(floor), *score, bucket.height * bucket.width, bucket.name)
-
-    bucket = min(buckets, key=key)
+    bucket = min(buckets, key=lambda b: rule_key(Fit((b.height, b.width), source, native, factor), floor))
     return bucket, Fit((bucket.height, bucket.width), source, native, factor)

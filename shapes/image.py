@@ -62,6 +62,10 @@ class ProcessorConfig:
         """Resized sides are multiples of this: one merged patch."""
         return self.patch_size * self.merge_size
 
+    def fit_args(self, floor: float) -> dict[str, float]:
+        """The fit rules' keyword arguments (`choose_image_bucket`, `choose_video_bucket`) for this preprocessing."""
+        return {"factor": self.factor, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "floor": floor}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProcessorConfig:
         """Keep the known keys of an HF preprocessor dict.

@@ -183,9 +183,7 @@ class Processor:
         return Visual(planned.kind, pixels, grid, planned.choice)
 
     def _fit_args(self) -> dict[str, float]:
-        c = self.config
-        return {"factor": c.factor, "min_pixels": c.min_pixels, "max_pixels": c.max_pixels,
-                "floor": self.buckets.fidelity_floor}
+        return self.config.fit_args(self.buckets.fidelity_floor)
 
     def _native(self, height: int, width: int) -> tuple[int, int]:
         """The size the model's own processor resizes a frame to."""

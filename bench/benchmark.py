@@ -70,7 +70,7 @@ def decode_bytes(cfg: ModelConfig, dtype: str, filled: int) -> int:
     return (weights + cache) * ITEMSIZE[dtype]
 
 
-def _question(model_dir: Path, tokens: int) -> str:
+def question(model_dir: Path, tokens: int) -> str:
     """A question of about `tokens` tokens for this model's tokenizer."""
     tokenizer = Tokenizer.from_dir(model_dir)
     words, text = FILLER.split(), ""
@@ -193,7 +193,7 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
     if image is None:
         image = str(work / "bench-448x448.png")
         sample_image(448, 448, seed=0).save(image)
-    prompt = _question(tokenizer_dir, prompt_tokens)
+    prompt = question(tokenizer_dir, prompt_tokens)
 
     export_s = None
     if is_artifacts:

@@ -29,7 +29,7 @@ def _messages(setup: dict, messages: Sequence[dict] | None) -> Sequence[dict]:
     return messages or [user_turn(setup["prompt"], len(setup["images"]), 0)]
 
 
-def _runtime(setup: dict, fmt: str = "mindir") -> Callable[[], dict]:
+def _runtime(setup: dict, fmt: str = "mindir") -> tuple[Callable[..., dict], Callable[[], dict]]:
     from mindvl.runtime import Runtime
 
     # Every repeat sends the same request: without the caches off, repeats would measure prefix reuse and the vision
@@ -42,7 +42,11 @@ def _runtime(setup: dict, fmt: str = "mindir") -> Callable[[], dict]:
         return {"vision_ms": t["vision"], "prefill_ms": t["prefill"],
                 "ttft_ms": t["preprocess"] + t["vision"] + t["prefill"], "decode_ms": out.decode_steps_ms}
 
-    return run
+    def ranks() -> dict:
+        """A tensor-parallel artifact's ranks, each with its own peak memory (this process is their driver)."""
+        return {"ranks": rt.artifacts.executor.stats()} if rt.artifacts.manifest.tp > 1 else {}
+
+    return run, ranks
 
 
 def _model(setup: dict, mode: str) -> Callable[[], dict]:
@@ -110,10 +114,9 @@ def _transformers(setup: dict) -> Callable[[], dict]:
 
 def main() -> None:
     mode, setup = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
-    if mode == "runtime":
-        run = _runtime(setup)
-    elif mode == "onnx":
-        run = _runtime(setup, "onnx")
+    more_stats: Callable[[], dict] = dict
+    if mode in ("runtime", "onnx"):
+        run, more_stats = _runtime(setup, "onnx" if mode == "onnx" else "mindir")
     elif mode == "transformers":
         run = _transformers(setup)
     else:
@@ -131,7 +134,8 @@ def main() -> None:
             request = json.loads(line)
             print(json.dumps(run(request["new_tokens"], request["messages"])), flush=True)
         elif line.strip() == "stats":
-            print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+            print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                              **more_stats()}), flush=True)
 
 
 if __name__ == "__main__":

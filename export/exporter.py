@@ -30,7 +30,8 @@ from mindvl.shapes.buckets import BucketSpec
 from mindvl.shapes.config import ModelConfig, read_config
 from mindvl.shapes.graphs import FORMATS, GraphSpec, all_graphs
 from mindvl.shapes.manifest import MANIFEST, Manifest, file_sha256
-from mindvl.shapes.weights import Weight, aliases, manifest_weights, stored_weights, weight_groups
+from mindvl.shapes.parallel import ParallelError
+from mindvl.shapes.weights import Weight, aliases, manifest_weights, stored_weights, text_weights, weight_groups
 from mindvl.tensorfile import write_safetensors
 
 # Files of the model folder the runtime's preprocessing and detokenisation read.
@@ -40,14 +41,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jso
 REQUIRED_FILES = ("tokenizer.json", "preprocessor_config.json")
 
 
-def _export_graph(cfg: ModelConfig, graph: GraphSpec, weights: dict[str, tuple[ms.Tensor, ...]], folder: Path) -> None:
+def _export_graph(cfg: ModelConfig, graph: GraphSpec, weights: dict[str, tuple[ms.Tensor, ...]], folder: Path,
+                  tp: int) -> None:
     if graph.format == "onnx":
         _export_onnx(cfg, graph, folder)
         return
     if graph.weights == "vision":
         cell = VisionEncoder(cfg.vision, graph.bucket["groups"])
     else:
-        cell = TextStep(cfg.text, graph.bucket["batch"], graph.bucket["cache"])
+        cell = TextStep(cfg.text, graph.bucket["batch"], graph.bucket["cache"], tp)
     inputs = [zeros(t.shape, t.dtype) for t in graph.inputs + graph.caches]  # export needs shapes and dtypes only
     ms.export(cell, *inputs, *weights[graph.weights], file_name=str(folder / graph.file.removesuffix(".mindir")),
               file_format="MINDIR")
@@ -86,11 +88,14 @@ def _checked(declared: Weight, tensor: ms.Tensor, dtype: str) -> ms.Tensor:
     return tensor
 
 
-def _formats(formats: Sequence[str], dtype: str) -> tuple[str, ...]:
+def _formats(formats: Sequence[str], dtype: str, tp: int) -> tuple[str, ...]:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ExportError(f"--format {','.join(formats)}: give one or more of {', '.join(FORMATS)}, comma-separated "
                           f"(e.g. mindir,onnx)")
+    if "onnx" in formats and tp > 1:
+        raise ExportError(f"--format onnx with tp {tp}: tensor-parallel graphs are MindIR only (their all-reduce is "
+                          f"MindSpore's); export --format mindir, or tp 1 for ONNX")
     if "onnx" in formats:
         if dtype != "float32":
             raise ExportError(f"--format onnx writes float32 graphs, and the export's dtype is {dtype}: add --dtype "
@@ -182,13 +187,17 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
     `out_dir`."""
     model_dir, out = Path(model_dir), Path(out_dir)
     dtype = dtype or buckets.dtype
-    formats = _formats(formats, dtype)
+    formats = _formats(formats, dtype, buckets.tp)
     _check_target(out, model_dir, force)
     for name in REQUIRED_FILES:
         if not (model_dir / name).is_file():
             raise ExportError(f"{model_dir / name} is missing: the runtime needs it for preprocessing; copy it from "
                               f"the original checkpoint")
     cfg = read_config(model_dir)
+    try:
+        shard = text_weights(cfg.text, buckets.tp)
+    except ParallelError as e:
+        raise ExportError(f"{model_dir}: {e}") from None
     start = time.perf_counter()
     arrays = load_weights(model_dir, cfg)
     groups, tied = weight_groups(cfg), aliases(cfg.text)
@@ -197,6 +206,8 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
     tensors = {name: to_tensor(arrays[name], dtype) for name in used}
     weights = {name: tuple(_checked(w, tensors[tied.get(w.name, w.name)], dtype) for w in group)
                for name, group in groups.items()}
+    if buckets.tp > 1:  # the text graphs take one rank's slices, of which export needs the shapes only
+        weights["text"] = tuple(zeros(w.shape, dtype) for w in shard.weights())
     log(f"loaded {len(arrays)} tensors from {model_dir} in {time.perf_counter() - start:.1f} s")
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +223,7 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
         seconds = {}  # per graph file: `mindvl plan` predicts the export time of the buckets it proposes from these
         for i, graph in enumerate(graphs, 1):
             begin = time.perf_counter()
-            _export_graph(cfg, graph, weights, tmp)
+            _export_graph(cfg, graph, weights, tmp, buckets.tp)
             seconds[graph.file] = round(time.perf_counter() - begin, 3)
             log(f"[{i:>3}/{len(graphs)}] {graph.name:<28} {seconds[graph.file]:6.2f} s "
                 f"{(tmp / graph.file).stat().st_size / 1024:8.1f} KB")

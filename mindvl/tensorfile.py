@@ -79,9 +79,16 @@ def _is_count(n: Any) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
+def widened(a: np.ndarray) -> np.ndarray:
+    """A tensor as `read_safetensors(widen=False)` returns it, with bf16 (kept there as its uint16 bits) widened to
+    float32: slice a mapped tensor first, and only the slice is read and widened."""
+    return (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == np.uint16 else a
+
+
 def read_safetensors(path: Path, error: type[MindVLError], fix: str, mapped: bool = True,
-                     sha256: str | None = None) -> dict[str, np.ndarray]:
-    """All float tensors of one file (bf16 widened to float32); `error(..., fix)` if unreadable.
+                     sha256: str | None = None, widen: bool = True) -> dict[str, np.ndarray]:
+    """All float tensors of one file (bf16 widened to float32, or with `widen=False` kept as uint16 bits for
+    `widened`); `error(..., fix)` if unreadable.
 
     mapped: views into a memory map of the file (pages are read when used). Else the file is read into memory
     once — checked against `sha256` in the same pass when given — and the tensors are views into it, so memory
@@ -109,7 +116,7 @@ def read_safetensors(path: Path, error: type[MindVLError], fix: str, mapped: boo
             continue
         begin, end = (data_start + o for o in info["data_offsets"])
         arr = raw[begin:end].view(dtype).reshape(info["shape"])
-        out[name] = (arr.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else arr
+        out[name] = widened(arr) if widen else arr
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ def _against(path: str | Path, floor: float) -> BucketSpec:
     except MindVLError as e:
         raise PlanError(f"--against: {e}") from None
     # Scored under the same floor as the plan: the floor is the user's, not the old spec's.
-    return BucketSpec(spec.images, spec.videos, spec.batch, spec.prefill, spec.cache, spec.dtype, floor)
+    return replace(spec, fidelity_floor=floor)
 
 
 def _describe(workload: str | Path, requests: list[Request]) -> dict[str, Any]:

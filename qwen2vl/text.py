@@ -7,6 +7,10 @@ The cache is allocated once at its full capacity (`shapes.graphs.kv_cache_specs`
 which the graph updates in place by slot, so prefill (S = bucket length) and decode (S = 1) graphs share it
 without copies and an exported graph holds none of it. The host owns how much of it is filled and says so
 through `cache_positions` (slots written by this call) and the additive `mask`.
+
+With `tp` > 1 the cell is one rank's part of the decoder (shapes/parallel.py): its heads, hidden units and vocabulary
+slice, an all-reduce after o_proj and after down. The collective's group is the default world group, which MindSpore
+names `hccl_world_group` when the graph is exported without a communication context (runtime/tp_worker.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from mindspore import dtype as mstype
 
 from mindvl.qwen2vl.layers import apply_rotary, full, linear, rms_norm, silu, softmax_f32
 from mindvl.shapes.config import TextConfig
+from mindvl.shapes.parallel import text_shard
 from mindvl.shapes.weights import TextLayerWeights, text_weights
 
 _bmm = ops.BatchMatMul()
@@ -47,13 +52,15 @@ class TextStep(nn.Cell):
     then the "text" group's weights (`shapes.weights.text_weights`), each found by its role.
     """
 
-    def __init__(self, cfg: TextConfig, batch: int, capacity: int) -> None:
+    def __init__(self, cfg: TextConfig, batch: int, capacity: int, tp: int = 1) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tp = cfg, tp
+        self.shard = text_shard(cfg, tp)
         self.scale = cfg.head_dim**-0.5
         self.rope = Tensor(mrope_table(cfg))
-        self.at = text_weights(cfg).positions()  # each weight's position among the weight inputs
-        kvh = cfg.num_key_value_heads
+        self.at = text_weights(cfg, tp).positions()  # each weight's position among the weight inputs
+        self.all_reduce = ops.AllReduce() if tp > 1 else None
+        kvh = self.shard.kv_heads
         # First row of each (batch, kv head) block in the flattened cache.
         self.row_base = Tensor((np.arange(batch * kvh, dtype=np.int32) * capacity).reshape(batch, kvh, 1))
 
@@ -62,11 +69,15 @@ class TextStep(nn.Cell):
         angle = ops.matmul(pos, self.rope)
         return ops.cos(angle).astype(dtype), ops.sin(angle).astype(dtype)
 
+    def reduce(self, x: Tensor) -> Tensor:
+        """The sum of every rank's partial product (row-parallel o_proj and down); on one rank, `x`."""
+        return self.all_reduce(x) if self.tp > 1 else x
+
     def attention(self, x: Tensor, w: tuple, at: TextLayerWeights, cache_k: Tensor, cache_v: Tensor, cos: Tensor,
                   sin: Tensor, rows: Tensor, mask: Tensor) -> Tensor:
         cfg = self.cfg
         b, s = x.shape[0], x.shape[1]
-        kvh, groups, d = cfg.num_key_value_heads, cfg.kv_groups, cfg.head_dim
+        kvh, groups, d = self.shard.kv_heads, self.shard.kv_groups, cfg.head_dim
         cos, sin = cos.reshape(b, s, 1, d), sin.reshape(b, s, 1, d)
         q = linear(x, w[at.q_weight], w[at.q_bias]).reshape(b, s, -1, d)
         q = apply_rotary(q, cos, sin) * self.scale  # s × d, not s × C
@@ -82,7 +93,7 @@ class TextStep(nn.Cell):
         scores = scores + full(mask.reshape(b, 1, 1, s, -1), scores.shape)
         probs = softmax_f32(scores, x.dtype).reshape(b, kvh, groups * s, -1)
         out = _bmm(probs, values).reshape(b, kvh, groups, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, -1)
-        return linear(out, w[at.o_weight])
+        return self.reduce(linear(out, w[at.o_weight]))
 
     def construct(self, embeds: Tensor, position_ids: Tensor, cache_positions: Tensor, mask: Tensor,
                   logits_index: Tensor, *tensors: Tensor) -> Tensor:
@@ -91,7 +102,7 @@ class TextStep(nn.Cell):
         keys, values, w = tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:]
         b, s = embeds.shape[0], embeds.shape[1]
         cos, sin = self.rotary(position_ids, embeds.dtype)
-        rows_shape = (b, cfg.num_key_value_heads, s)
+        rows_shape = (b, self.shard.kv_heads, s)
         rows = full(self.row_base, rows_shape) + full(cache_positions.reshape(b, 1, s), rows_shape)
         x = embeds
         for i in range(layers):
@@ -99,7 +110,8 @@ class TextStep(nn.Cell):
             h = rms_norm(x, w[at.input_norm_weight], cfg.rms_norm_eps)
             x = x + self.attention(h, w, at, keys[i], values[i], cos, sin, rows, mask)
             h = rms_norm(x, w[at.post_attention_norm_weight], cfg.rms_norm_eps)
-            x = x + linear(silu(linear(h, w[at.gate_weight])) * linear(h, w[at.up_weight]), w[at.down_weight])
+            x = x + self.reduce(linear(silu(linear(h, w[at.gate_weight])) * linear(h, w[at.up_weight]),
+                                       w[at.down_weight]))
         k = logits_index.shape[1]
         x = ops.gather_elements(x, 1, logits_index.reshape(b, k, 1).broadcast_to((b, k, cfg.hidden_size)))
         head = self.at.head

@@ -14,7 +14,7 @@ import os
 import time
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import mindspore as ms
 import numpy as np
@@ -27,16 +27,17 @@ from mindvl.shapes.graphs import GraphSpec, TensorSpec, dtype_bytes, kv_cache_sh
 from mindvl.shapes.image import one_line
 from mindvl.shapes.manifest import MANIFEST, Manifest
 from mindvl.shapes.weights import manifest_weights, stored_weights
-from mindvl.tensorfile import read_safetensors
+from mindvl.tensorfile import read_safetensors, widened
 
 
 def check_cache_memory(manifest: Manifest) -> None:
     """Refuse buckets whose KV cache could never be allocated on this machine, before anything is allocated."""
     cfg, buckets = manifest.config, manifest.buckets
     batch, capacity = max(buckets["batch"]), max(buckets["cache"])
-    # From the shape, not the specs: a tampered layer count could make those billions of tensors.
-    need = (2 * cfg.text.num_hidden_layers * math.prod(kv_cache_shape(cfg, batch, capacity))
-            * dtype_bytes(manifest.dtype))
+    # From the shape, not the specs: a tampered layer count could make those billions of tensors. Every rank of a
+    # tensor-parallel artifact runs on this machine.
+    need = (2 * cfg.text.num_hidden_layers * math.prod(kv_cache_shape(cfg, batch, capacity, manifest.tp))
+            * dtype_bytes(manifest.dtype) * manifest.tp)
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > memory:
         raise ArtifactError(f"the KV cache of bucket batch {batch} × cache {capacity} needs {need} bytes "
@@ -61,8 +62,11 @@ def check_declared_weights(manifest: Manifest) -> None:
     for group in dict.fromkeys([*declared["groups"], *found["groups"]]):
         entries = zip_longest(declared["groups"].get(group, []), found["groups"].get(group, []))
         pairs += [(f"weights.groups.{group}[{i}]", *pair) for i, pair in enumerate(entries)]
+    # At tp 1 every weight is read whole and its split is moot (artifacts made before tensor parallelism declare the
+    # LM head replicated).
+    compared = (lambda e: e and {**e, "split": None}) if manifest.tp == 1 else (lambda e: e)
     for where, want, have in pairs:
-        if want != have:
+        if compared(want) != compared(have):
             raise ArtifactError(f"{MANIFEST}: {where} holds {_show(have)}, but the model config declares "
                                 f"{_show(want)}; re-export the artifacts")
     if found["aliases"] != declared["aliases"]:
@@ -70,12 +74,14 @@ def check_declared_weights(manifest: Manifest) -> None:
                             f"{declared['aliases']}; re-export the artifacts")
 
 
-def read_weights(folder: Path, manifest: Manifest, mapped: bool, sha256: str | None = None) -> dict[str, np.ndarray]:
+def read_weights(folder: Path, manifest: Manifest, mapped: bool, sha256: str | None = None,
+                 widen: bool = True) -> dict[str, np.ndarray]:
     """The weights file's tensors (see `read_safetensors`), once the manifest's weights are the declared ones and
     the file holds each at its declared shape."""
     check_declared_weights(manifest)
     path = folder / manifest.weights["file"]
-    arrays = read_safetensors(path, ArtifactError, "re-export the artifacts", mapped=mapped, sha256=sha256)
+    arrays = read_safetensors(path, ArtifactError, "re-export the artifacts", mapped=mapped, sha256=sha256,
+                              widen=widen)
     for weight in stored_weights(manifest.config):
         if weight.name not in arrays:
             raise ArtifactError(f"{path} has no float tensor {weight.name!r}, which {MANIFEST} lists (missing, or of "
@@ -141,13 +147,17 @@ class Artifacts:
         if unlisted:
             raise ArtifactError(f"{unlisted[0]} in {self.folder} is not listed in {MANIFEST}, so it would be read "
                                 f"unverified; remove it, or re-export the artifacts")
-        arrays = self._load_weights(verify)
-        if self.format == "onnx":
+        if self.manifest.tp > 1:
+            from mindvl.runtime.tensor_parallel import TensorParallelGraphs
+
+            self.embed = self._read_embed(verify)
+            self.executor = TensorParallelGraphs(self.folder, self.manifest)
+        elif self.format == "onnx":
             from mindvl.runtime.onnx_graphs import OnnxGraphs
 
-            self.executor = OnnxGraphs(self.folder, self.manifest, arrays, provider)
+            self.executor = OnnxGraphs(self.folder, self.manifest, self._load_weights(verify), provider)
         else:
-            self.executor = MindSporeGraphs(self.folder, self.manifest, arrays)
+            self.executor = MindSporeGraphs(self.folder, self.manifest, self._load_weights(verify))
         self.graph_load_ms = 0.0  # time spent loading graphs so far, all of it on first use
         self._loaded: set[str] = set()
 
@@ -161,6 +171,18 @@ class Artifacts:
         self.embed = arrays[w["embed"]["name"]]
         used = graph_weights(w)
         return {name: a for name, a in arrays.items() if name in used}
+
+    def _read_embed(self, verify: bool) -> np.ndarray:
+        """A tensor-parallel driver's only weight, the embedding table: the workers read their own slices."""
+        w = self.manifest.weights
+        self.manifest.check_file(self.folder, w["file"], rehash=verify)  # hashed as a stream, never held
+        table = read_weights(self.folder, self.manifest, mapped=True, widen=False)[w["embed"]["name"]]
+        return np.array(widened(table), host_dtype(self.dtype))
+
+    def close(self) -> None:
+        """Release what the executor holds beyond memory: a tensor-parallel artifact's workers."""
+        if hasattr(self.executor, "close"):
+            self.executor.close()
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -190,12 +212,14 @@ class MindSporeGraphs:
     """MindIR graphs through `nn.GraphCell`: weights as device tensors, each KV cache a set of tensors that every
     text graph of its (batch, cache) bucket updates in place."""
 
-    def __init__(self, folder: Path, manifest: Manifest, arrays: dict[str, np.ndarray]) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, arrays: dict[str, np.ndarray],
+                 groups: Sequence[str] | None = None) -> None:
+        """`arrays`: the weights by name (aliases resolved) of `groups`, the weight groups to run (default: all)."""
         self.folder, self.manifest = folder, manifest
         w = manifest.weights
         tensors = {name: to_tensor(a, manifest.dtype) for name, a in arrays.items()}
-        self.weights = {group: tuple(tensors[w["aliases"].get(e["name"], e["name"])] for e in entries)
-                        for group, entries in w["groups"].items()}
+        self.weights = {group: tuple(tensors[w["aliases"].get(e["name"], e["name"])] for e in w["groups"][group])
+                        for group in (w["groups"] if groups is None else groups)}
         self._graphs: dict[str, nn.GraphCell] = {}
         self._caches = CacheSets(lambda c: zeros(c.shape, c.dtype))
 

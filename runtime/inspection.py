@@ -25,6 +25,7 @@ def inspect_artifacts(folder: str | Path, verify: bool = False) -> str:
         f"vocab {cfg.text.vocab_size}, vision {cfg.vision.depth} blocks × {cfg.vision.embed_dim}",
         f"buckets: images {b.get('images', [])}, videos {b.get('videos', [])}, batch {b['batch']}, "
         f"prefill {b['prefill']}, cache {b['cache']}",
+        *([f"tensor parallel: tp {m.tp} (generate and serve start {m.tp} workers through msrun)"] if m.tp > 1 else []),
         f"size: weights {_mb(weights)} (once), {len(m.graphs)} graphs {_mb(sum(graph_bytes.values()))}, "
         f"tokenizer {_mb(tokenizer)}",
         "graphs:",

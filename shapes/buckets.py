@@ -42,7 +42,7 @@ from mindvl.shapes.image import one_line, smart_resize
 from mindvl.shapes.video import FPS, MAX_FRAMES, MIN_FRAMES, sample_frame_indices
 
 TEMPORAL_PATCH = 2  # Qwen2-VL's vision encoder takes frames in pairs: a video's buckets have an even frame count
-KEYS = ("images", "videos", "batch", "prefill", "cache", "dtype", "fidelity_floor")
+KEYS = ("images", "videos", "batch", "prefill", "cache", "dtype", "fidelity_floor", "tp")
 DTYPES = ("float32", "float16", "bfloat16")
 _EXAMPLES = {"images": "[224x224, 448x336]", "videos": "[{frames: 8, size: 224x224}]", "batch": "[1]",
              "prefill": "[128, 256]", "cache": "[1024, 2048]"}
@@ -104,6 +104,7 @@ class BucketSpec:
     cache: tuple[int, ...]
     dtype: str = "float32"
     fidelity_floor: float = FIDELITY_FLOOR  # the share of its native tokens an image keeps when a bucket allows
+    tp: int = 1  # tensor-parallel degree: the ranks (cards) the decoder is split over (shapes/parallel.py)
 
     def __post_init__(self) -> None:
         # Sorted and de-duplicated so that two specs with the same buckets compare equal.
@@ -120,6 +121,8 @@ class BucketSpec:
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
             raise BucketError(f"fidelity_floor: {floor!r} must be a share of the native tokens between 0 and 1, "
                               f"e.g. fidelity_floor: {FIDELITY_FLOOR}")
+        if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
+            raise BucketError(f"tp: {self.tp!r} must be a positive integer, the number of ranks (1: one card)")
         unusable = [s for s in self.prefill if s > self.cache[-1]]
         if unusable:
             raise BucketError(
@@ -142,7 +145,7 @@ class BucketSpec:
         videos = [_video(v, factor) for v in _list(d, "videos", required=False)]
         ints = {key: tuple(_list(d, key, required=True)) for key in ("batch", "prefill", "cache")}
         return cls(tuple(images), tuple(videos), dtype=d.get("dtype", "float32"),
-                   fidelity_floor=d.get("fidelity_floor", FIDELITY_FLOOR), **ints)
+                   fidelity_floor=d.get("fidelity_floor", FIDELITY_FLOOR), tp=d.get("tp", 1), **ints)
 
     @classmethod
     def from_yaml(cls, path: Union[str, Path], factor: int = 28) -> BucketSpec:
@@ -179,6 +182,8 @@ class BucketSpec:
             d["videos"] = [{"frames": b.frames, "size": f"{b.height}x{b.width}"} for b in self.videos]
         if self.fidelity_floor != FIDELITY_FLOOR:  # the default is left out, as older specs and manifests have it
             d["fidelity_floor"] = self.fidelity_floor
+        if self.tp != 1:  # likewise
+            d["tp"] = self.tp
         return {**d, "batch": list(self.batch), "prefill": list(self.prefill), "cache": list(self.cache),
                 "dtype": self.dtype}
 

@@ -8,6 +8,9 @@
 
 After the data inputs come the KV cache tensors (text graphs; updated in place, shared by every text graph of
 one batch × cache size) and then the weights of the graph's group, in the manifest's order.
+
+A tensor-parallel artifact (`tp` > 1) declares its text graphs at one rank's shapes (shapes/parallel.py): the cache
+holds the rank's kv heads and the logits its slice of the vocabulary. Names do not change.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from mindvl.shapes.config import ModelConfig
+from mindvl.shapes.parallel import text_shard
 
 FORMATS = ("mindir", "onnx")  # MindSpore MindIR (run by MindSpore), ONNX (run by onnxruntime)
 
@@ -82,20 +86,20 @@ def vision_graph(cfg: ModelConfig, frames: int, height: int, width: int, dtype: 
         outputs=(TensorSpec("visual_tokens", (n // v.spatial_merge_size**2, cfg.text.hidden_size), dtype),))
 
 
-def kv_cache_shape(cfg: ModelConfig, batch: int, capacity: int) -> tuple[int, int]:
-    """One layer's k (or v) cache: a slot per row, key-value head and position, each head_dim wide."""
-    t = cfg.text
-    return (batch * t.num_key_value_heads * capacity, t.head_dim)
+def kv_cache_shape(cfg: ModelConfig, batch: int, capacity: int, tp: int = 1) -> tuple[int, int]:
+    """One layer's k (or v) cache on one of `tp` ranks: a slot per row, key-value head and position, each head_dim
+    wide."""
+    return (batch * text_shard(cfg.text, tp).kv_heads * capacity, cfg.text.head_dim)
 
 
-def kv_cache_specs(cfg: ModelConfig, batch: int, capacity: int, dtype: str) -> tuple[TensorSpec, ...]:
-    shape = kv_cache_shape(cfg, batch, capacity)
+def kv_cache_specs(cfg: ModelConfig, batch: int, capacity: int, dtype: str, tp: int = 1) -> tuple[TensorSpec, ...]:
+    shape = kv_cache_shape(cfg, batch, capacity, tp)
     return tuple(TensorSpec(f"cache_{kind}_{i}", shape, dtype) for kind in ("k", "v")
                  for i in range(cfg.text.num_hidden_layers))
 
 
-def text_graph(cfg: ModelConfig, batch: int, seq: int, capacity: int, dtype: str) -> GraphSpec:
-    """Prefill (seq > 1) or decode (seq == 1) over a cache of `capacity` slots."""
+def text_graph(cfg: ModelConfig, batch: int, seq: int, capacity: int, dtype: str, tp: int = 1) -> GraphSpec:
+    """Prefill (seq > 1) or decode (seq == 1) over a cache of `capacity` slots, as one of `tp` ranks runs it."""
     t = cfg.text
     name, kind = (f"decode_b{batch}_c{capacity}", "decode") if seq == 1 else (f"prefill_b{batch}_s{seq}_c{capacity}",
                                                                             "prefill")
@@ -106,8 +110,8 @@ def text_graph(cfg: ModelConfig, batch: int, seq: int, capacity: int, dtype: str
                 TensorSpec("cache_positions", (batch, seq), "int32"),
                 TensorSpec("mask", (batch, seq, capacity), dtype),
                 TensorSpec("logits_index", (batch, 1), "int32")),
-        caches=kv_cache_specs(cfg, batch, capacity, dtype), weights="text",
-        outputs=(TensorSpec("logits", (batch, 1, t.vocab_size), "float32"),))
+        caches=kv_cache_specs(cfg, batch, capacity, dtype, tp), weights="text",
+        outputs=(TensorSpec("logits", (batch, 1, text_shard(t, tp).vocab), "float32"),))
 
 
 def present_name(cache: str) -> str:
@@ -127,6 +131,6 @@ def all_graphs(cfg: ModelConfig, buckets: Any, dtype: str, formats: Sequence[str
     graphs = [vision_graph(cfg, 1, b.height, b.width, dtype) for b in buckets.images]
     graphs += [vision_graph(cfg, b.frames, b.height, b.width, dtype) for b in buckets.videos]
     for batch in buckets.batch:
-        graphs += [text_graph(cfg, batch, seq, cache, dtype) for seq, cache in buckets.prefill_cache_pairs()]
-        graphs += [text_graph(cfg, batch, 1, cache, dtype) for cache in buckets.cache]
+        lengths = [*buckets.prefill_cache_pairs(), *((1, cache) for cache in buckets.cache)]
+        graphs += [text_graph(cfg, batch, seq, cache, dtype, buckets.tp) for seq, cache in lengths]
     return [g.in_format(fmt) for fmt in formats for g in graphs]

@@ -56,6 +56,11 @@ class Manifest:
         raise KeyError(name)
 
     @property
+    def tp(self) -> int:
+        """The tensor-parallel degree the text graphs were exported for (1 when the spec has no `tp`)."""
+        return self.buckets.get("tp", 1)
+
+    @property
     def formats(self) -> list[str]:
         """The graph formats the artifact holds, in the order of FORMATS."""
         return [f for f in FORMATS if any(g.format == f for g in self.graphs)]

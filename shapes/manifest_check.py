@@ -19,6 +19,7 @@ from mindvl.errors import ArtifactError, MindVLError
 from mindvl.shapes.buckets import DTYPES, BucketSpec
 from mindvl.shapes.config import ModelConfig, TextConfig, VisionConfig
 from mindvl.shapes.graphs import FORMATS, GraphSpec
+from mindvl.shapes.parallel import text_shard
 from mindvl.shapes.weights import SPLITS
 
 
@@ -124,11 +125,11 @@ def _check(value: Any, schema: Any, where: str) -> None:
 def _check_consistent(d: dict[str, Any]) -> None:
     """What the types alone do not say: the files read are listed, the buckets and the model config are valid."""
     try:
-        BucketSpec.from_dict(d["buckets"])
+        spec = BucketSpec.from_dict(d["buckets"])
     except MindVLError as e:
         raise _Invalid(f"buckets are invalid ({e})") from None
     try:
-        ModelConfig.from_hf(d["model"])
+        text_shard(ModelConfig.from_hf(d["model"]).text, spec.tp)
     except MindVLError as e:
         raise _Invalid(f"model is invalid ({e})") from None
     w, files = d["weights"], d["files"]

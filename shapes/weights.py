@@ -6,15 +6,18 @@ weight inputs. The checkpoint name map, the cells, the exporter, the manifest an
 this one declaration: reordering it reorders all of them together, and a checkpoint or manifest that disagrees with
 it (two same-shaped norms swapped, say) is refused instead of silently computing another model.
 
-`split` records how tensor parallelism, in Megatron's layout, would shard each weight (nothing shards yet):
+`split` records how tensor parallelism (shapes/parallel.py, Megatron's layout) shards each weight:
 
     column      along the output dimension (dim 0 of the [out, in] layout), the bias with it: q, k, v, gate, up,
-                fc1 — each rank computes some heads or hidden units. The vision qkv is fused: each of its three
-                [E, E] blocks splits by heads, not the tensor as a whole.
+                fc1, the LM head (by vocabulary rows) — each rank computes some heads, hidden units or logits. The
+                vision qkv is fused: each of its three [E, E] blocks would split by heads, not the tensor as a
+                whole (the vision encoder runs whole on one rank).
     row         along the input dimension (dim 1): o, down, proj, fc2 — the ranks' partial products are summed by
                 an all-reduce.
-    replicated  whole on every rank: norms, biases added after that all-reduce, and for now the patch and token
-                embeddings and the LM head.
+    replicated  whole on every rank: norms, biases added after that all-reduce, the patch embedding; the token
+                embedding lives on the host.
+
+`text_weights(t, tp)` declares the decoder's weights at one rank's shapes; the stored weights are those of tp=1.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, NamedTuple
 
 from mindvl.shapes.config import ModelConfig, TextConfig, VisionConfig
 from mindvl.shapes.graphs import TensorSpec
+from mindvl.shapes.parallel import text_shard
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
 SPLITS = (COLUMN, ROW, REPLICATED)
@@ -175,9 +179,11 @@ def text_embed(t: TextConfig) -> TextEmbedWeights:
     return _declare(TextEmbedWeights, "text.embed.", weight=((t.vocab_size, t.hidden_size), REPLICATED))
 
 
-def text_weights(t: TextConfig) -> TextWeights:
-    h, f = t.hidden_size, t.intermediate_size
-    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+def text_weights(t: TextConfig, tp: int = 1) -> TextWeights:
+    """The decoder's weights as one of `tp` ranks takes them (tp=1: whole, as stored)."""
+    shard = text_shard(t, tp)
+    h, f, vocab = t.hidden_size, shard.intermediate, shard.vocab
+    q, kv = shard.heads * t.head_dim, shard.kv_heads * t.head_dim
 
     def layer(i: int) -> TextLayerWeights:
         return _declare(
@@ -193,7 +199,7 @@ def text_weights(t: TextConfig) -> TextWeights:
     return TextWeights(
         layers=tuple(layer(i) for i in range(t.num_hidden_layers)),
         head=_declare(TextHeadWeights, "text.",
-                      norm_weight=((h,), REPLICATED), lm_head_weight=((t.vocab_size, h), REPLICATED)))
+                      norm_weight=((h,), REPLICATED), lm_head_weight=((vocab, h), COLUMN)))
 
 
 def aliases(t: TextConfig) -> dict[str, str]:

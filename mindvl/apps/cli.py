@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     export.add_argument("--format", default="mindir",
                         help="graph formats, comma-separated: mindir (default), onnx (needs the onnx extra), or both")
+    export.add_argument("--tp", type=int, help="tensor-parallel degree: the decoder split over N ranks, which "
+                        "generate and serve launch through msrun (overrides the spec's tp; default 1)")
 
     inspect = sub.add_parser("inspect", help="what an artifact folder holds")
     inspect.add_argument("artifacts")
@@ -193,6 +195,8 @@ def _export(args: argparse.Namespace) -> None:
     from mindvl.shapes.buckets import BucketSpec
 
     spec = BucketSpec.from_yaml(args.buckets) if args.buckets else BucketSpec.preset(args.preset or "default")
+    if args.tp is not None:
+        spec = BucketSpec.from_dict({**spec.to_dict(), "tp": args.tp})
     export_artifacts(args.model_dir, args.output, spec, dtype=args.dtype, force=args.force,
                      formats=tuple(f.strip() for f in args.format.split(",") if f.strip()))
 

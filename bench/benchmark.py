@@ -9,6 +9,7 @@ must read (decoder weights + the KV cache filled so far) divided by that bandwid
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -21,7 +22,7 @@ import time
 from datetime import date
 from pathlib import Path
 from statistics import median
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -68,6 +69,43 @@ def decode_bytes(cfg: ModelConfig, dtype: str, filled: int) -> int:
     weights = t.num_hidden_layers * layer + t.vocab_size * t.hidden_size + t.hidden_size
     cache = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * filled
     return (weights + cache) * ITEMSIZE[dtype]
+
+
+def export_once(model: Path, out: Path, spec: dict) -> Path:
+    """`mindvl export` at `spec` (a dict as in YAML), unless `out` already holds that export."""
+    if (out / MANIFEST).is_file() and Manifest.read(out).buckets == BucketSpec.from_dict(spec).to_dict():
+        return out
+    (out.parent / f"{out.name}.yaml").write_text(json.dumps(spec))
+    log(f"exporting {model} → {out} ({spec})")
+    subprocess.run([sys.executable, "-m", "mindvl", "export", str(model), "-o", str(out), "--buckets",
+                    str(out.parent / f"{out.name}.yaml"), "--force"], check=True, stderr=subprocess.DEVNULL)
+    return out
+
+
+def script_args(doc: str, workdir: str, repeats: int, report_lines: Callable[[dict], list[str]]) -> argparse.Namespace:
+    """The options of every script behind BENCHMARKS.md: --workdir, --repeats, and --report, which prints the
+    figures (`report_lines`) of a report the script wrote and exits."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--workdir", default=workdir)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--report", type=Path, help="print the figures of a report this script wrote, and exit")
+    args = parser.parse_args()
+    if args.report:
+        print("\n".join(report_lines(json.loads(args.report.read_text()))))
+        sys.exit(0)
+    return args
+
+
+def bench_model(work: Path) -> tuple[Path, str]:
+    """The 2B shapes with 4 decoder layers (random weights) and the 448x448 sample image, made once in `work`."""
+    from mindvl.testing.checkpoints import write_checkpoint
+    from mindvl.testing.media import sample_image
+
+    work.mkdir(parents=True, exist_ok=True)
+    model = write_checkpoint(work / "models" / "2b-4layers", "2b-shapes", num_hidden_layers=4)
+    image = work / "bench-448x448.png"
+    sample_image(448, 448, seed=0).save(image)
+    return model, str(image)
 
 
 def question(model_dir: Path, tokens: int) -> str:

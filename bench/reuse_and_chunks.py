@@ -19,17 +19,12 @@ goes first) and the figures are medians over the repeats.
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
-import sys
 from datetime import date
 from pathlib import Path
 from statistics import median
 
-from mindvl.bench.benchmark import FILLER, Worker, log, machine
-from mindvl.shapes.buckets import BucketSpec
-from mindvl.shapes.manifest import MANIFEST, Manifest
+from mindvl.bench.benchmark import FILLER, Worker, bench_model, export_once, log, machine, script_args
 
 QUESTIONS = ("Describe this image in detail.", "Which colours dominate, and where are they?",
              "Suggest a title for it.")
@@ -39,17 +34,6 @@ ANSWER_TOKENS = 32  # each turn's answer, resent in the next turn's history
 WHOLE = {"images": ["448x448"], "batch": [1], "prefill": [128, 512, 2048], "cache": [1024, 4096], "dtype": "float32"}
 TEXT_ONLY = {k: v for k, v in WHOLE.items() if k != "images"}
 CHUNKED = {128: {**TEXT_ONLY, "prefill": [128], "cache": [1024]}, 512: {**TEXT_ONLY, "prefill": [512], "cache": [4096]}}
-
-
-def export(model: Path, out: Path, spec: dict) -> Path:
-    """`mindvl export` at `spec`, unless `out` already holds that export."""
-    if (out / MANIFEST).is_file() and Manifest.read(out).buckets == BucketSpec.from_dict(spec).to_dict():
-        return out
-    (out.parent / f"{out.name}.yaml").write_text(json.dumps(spec))
-    log(f"exporting {model} → {out} ({spec})")
-    subprocess.run([sys.executable, "-m", "mindvl", "export", str(model), "-o", str(out), "--buckets",
-                    str(out.parent / f"{out.name}.yaml"), "--force"], check=True, stderr=subprocess.DEVNULL)
-    return out
 
 
 def ttft_ms(out) -> float:
@@ -145,26 +129,14 @@ def report_lines(report: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/tmp/mindvl-reuse-bench")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--report", type=Path, help="print the figures of a report this script wrote, and exit")
-    args = parser.parse_args()
-    if args.report:
-        print("\n".join(report_lines(json.loads(args.report.read_text()))))
-        return
+    args = script_args(__doc__, "/tmp/mindvl-reuse-bench", 5, report_lines)
 
     from mindvl.runtime import Runtime
-    from mindvl.testing.checkpoints import write_checkpoint
-    from mindvl.testing.media import sample_image
 
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    model = write_checkpoint(work / "models" / "2b-4layers", "2b-shapes", num_hidden_layers=4)
-    artifacts = export(model, work / "whole-artifacts", WHOLE)
-    chunked = {chunk: export(model, work / f"chunks-{chunk}-artifacts", spec) for chunk, spec in CHUNKED.items()}
-    image = str(work / "bench-448x448.png")
-    sample_image(448, 448, seed=0).save(image)
+    model, image = bench_model(work)
+    artifacts = export_once(model, work / "whole-artifacts", WHOLE)
+    chunked = {chunk: export_once(model, work / f"chunks-{chunk}-artifacts", spec) for chunk, spec in CHUNKED.items()}
 
     setup = work / "transformers" / "setup.json"
     setup.parent.mkdir(exist_ok=True)

@@ -18,11 +18,8 @@ On 2 cores no speedup is expected: the two ranks share the cores that one proces
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import subprocess
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -30,28 +27,15 @@ from statistics import median
 
 import numpy as np
 
-from mindvl.bench.benchmark import Worker, log, machine, question
-from mindvl.shapes.buckets import BucketSpec
+from mindvl.bench.benchmark import Worker, bench_model, export_once, log, machine, question, script_args
 from mindvl.shapes.config import ModelConfig, read_config
 from mindvl.shapes.graphs import dtype_bytes, kv_cache_shape
-from mindvl.shapes.manifest import MANIFEST, Manifest
 from mindvl.shapes.weights import text_embed, text_weights, vision_weights
 
 SPEC = {"images": ["448x448"], "batch": [1], "prefill": [384], "cache": [512], "dtype": "float32"}
 NEW_TOKENS = 64
 PAPER = (("7B", 2), ("72B", 8))
 PAPER_CACHE = 32768  # one sequence at the published models' full context
-
-
-def export(model: Path, out: Path, spec: dict) -> Path:
-    """`mindvl export` at `spec`, unless `out` already holds that export."""
-    if (out / MANIFEST).is_file() and Manifest.read(out).buckets == BucketSpec.from_dict(spec).to_dict():
-        return out
-    (out.parent / f"{out.name}.yaml").write_text(json.dumps(spec))
-    log(f"exporting {model} → {out} ({spec})")
-    subprocess.run([sys.executable, "-m", "mindvl", "export", str(model), "-o", str(out), "--buckets",
-                    str(out.parent / f"{out.name}.yaml"), "--force"], check=True, stderr=subprocess.DEVNULL)
-    return out
 
 
 def per_card(cfg: ModelConfig, tp: int, dtype: str = "bfloat16") -> dict[str, float]:
@@ -145,29 +129,17 @@ def report_lines(report: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/tmp/mindvl-tp-bench")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--report", type=Path, help="print the figures of a report this script wrote, and exit")
-    args = parser.parse_args()
-    if args.report:
-        print("\n".join(report_lines(json.loads(args.report.read_text()))))
-        return
+    args = script_args(__doc__, "/tmp/mindvl-tp-bench", 3, report_lines)
 
     from mindvl.testing.architectures import HUB_CONFIGS
-    from mindvl.testing.checkpoints import write_checkpoint
-    from mindvl.testing.media import sample_image
 
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    model = write_checkpoint(work / "models" / "2b-4layers", "2b-shapes", num_hidden_layers=4)
-    image = str(work / "bench-448x448.png")
-    sample_image(448, 448, seed=0).save(image)
+    model, image = bench_model(work)
     prompt = question(model, 32)
     workers, runs = {}, {}
     try:
         for tp in (1, 2):
-            artifacts = export(model, work / f"tp{tp}-artifacts", {**SPEC, "tp": tp})
+            artifacts = export_once(model, work / f"tp{tp}-artifacts", {**SPEC, "tp": tp})
             setup = work / f"tp{tp}" / "setup.json"
             setup.parent.mkdir(exist_ok=True)
             setup.write_text(json.dumps({"artifacts": str(artifacts), "images": [image], "prompt": prompt,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import reprlib
 import struct
 from pathlib import Path
@@ -79,21 +80,14 @@ def _is_count(n: Any) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
-def widened(a: np.ndarray) -> np.ndarray:
-    """A tensor as `read_safetensors(widen=False)` returns it, with bf16 (kept there as its uint16 bits) widened to
-    float32: slice a mapped tensor first, and only the slice is read and widened."""
+def _widened(a: np.ndarray) -> np.ndarray:
+    """A tensor as stored, with bf16 (read as its uint16 bits) widened to float32."""
     return (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == np.uint16 else a
 
 
-def read_safetensors(path: Path, error: type[MindVLError], fix: str, mapped: bool = True,
-                     sha256: str | None = None, widen: bool = True) -> dict[str, np.ndarray]:
-    """All float tensors of one file (bf16 widened to float32, or with `widen=False` kept as uint16 bits for
-    `widened`); `error(..., fix)` if unreadable.
-
-    mapped: views into a memory map of the file (pages are read when used). Else the file is read into memory
-    once — checked against `sha256` in the same pass when given — and the tensors are views into it, so memory
-    holds them once and no second pass is needed to verify them. The header is checked before any data is read.
-    """
+def _header(path: Path, error: type[MindVLError], fix: str) -> tuple[dict[str, Any], int, int]:
+    """The checked header of a safetensors file (without its metadata), where its data starts, and the file's
+    size."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -108,6 +102,19 @@ def read_safetensors(path: Path, error: type[MindVLError], fix: str, mapped: boo
     if problem:
         raise error(f"{path} is truncated or corrupt: {problem}; {fix}")
     header.pop("__metadata__", None)
+    return header, data_start, size
+
+
+def read_safetensors(path: Path, error: type[MindVLError], fix: str, mapped: bool = True,
+                     sha256: str | None = None, widen: bool = True) -> dict[str, np.ndarray]:
+    """All float tensors of one file (bf16 widened to float32, or with `widen=False` kept as uint16 bits for
+    slicing before widening); `error(..., fix)` if unreadable.
+
+    mapped: views into a memory map of the file (pages are read when used). Else the file is read into memory
+    once — checked against `sha256` in the same pass when given — and the tensors are views into it, so memory
+    holds them once and no second pass is needed to verify them. The header is checked before any data is read.
+    """
+    header, data_start, size = _header(path, error, fix)
     raw = np.memmap(path, dtype=np.uint8, mode="r") if mapped else _read_whole(path, size, sha256, error, fix)
     out: dict[str, np.ndarray] = {}
     for name, info in header.items():
@@ -116,7 +123,43 @@ def read_safetensors(path: Path, error: type[MindVLError], fix: str, mapped: boo
             continue
         begin, end = (data_start + o for o in info["data_offsets"])
         arr = raw[begin:end].view(dtype).reshape(info["shape"])
-        out[name] = widened(arr) if widen else arr
+        out[name] = _widened(arr) if widen else arr
+    return out
+
+
+def _pread_into(fd: int, buffer: np.ndarray, offset: int) -> None:
+    view = memoryview(buffer).cast("B")
+    while view:  # one read returns at most ~2 GB on Linux
+        done = os.preadv(fd, [view[:_CHUNK]], offset)
+        if not done:
+            raise OSError(f"the file ends before byte {offset + len(view)}")
+        view, offset = view[done:], offset + done
+
+
+def read_slices(path: Path, index: dict[str, tuple[slice, ...]], error: type[MindVLError],
+                fix: str) -> dict[str, np.ndarray]:
+    """One block of each named 1-D or 2-D tensor (rows, and columns, as unit-step slices; bf16 widened),
+    read with positioned reads into memory of its own: a process reading a slice of a weights file holds the slice
+    and nothing else, where a memory map would also keep every page it touched counted as its own."""
+    header, data_start, _ = _header(path, error, fix)
+    out = {}
+    try:
+        with path.open("rb") as f:
+            for name, where in index.items():
+                info = header[name]
+                dtype, shape = np.dtype(_READ[info["dtype"]]), info["shape"]
+                rows, columns = where[0], (where[1] if len(shape) > 1 else slice(0, 1))
+                width = shape[1] if len(shape) > 1 else 1
+                begin = data_start + info["data_offsets"][0] + rows.start * width * dtype.itemsize
+                block = np.empty((rows.stop - rows.start, columns.stop - columns.start), dtype)
+                if columns == slice(0, width):  # whole rows: one read
+                    _pread_into(f.fileno(), block, begin)
+                else:  # a block of columns: a read per row
+                    for row in range(len(block)):
+                        _pread_into(f.fileno(), block[row], begin + (row * width + columns.start) * dtype.itemsize)
+                out[name] = _widened(block if len(shape) > 1 else block.reshape(-1))
+    except OSError as e:
+        raise error(f"{path} cannot be read ({e}); {fix}") from None
     return out
 
 

@@ -27,7 +27,7 @@ from mindvl.shapes.graphs import GraphSpec, TensorSpec, dtype_bytes, kv_cache_sh
 from mindvl.shapes.image import one_line
 from mindvl.shapes.manifest import MANIFEST, Manifest
 from mindvl.shapes.weights import manifest_weights, stored_weights
-from mindvl.tensorfile import read_safetensors, widened
+from mindvl.tensorfile import read_safetensors, read_slices
 
 
 def check_cache_memory(manifest: Manifest) -> None:
@@ -176,8 +176,11 @@ class Artifacts:
         """A tensor-parallel driver's only weight, the embedding table: the workers read their own slices."""
         w = self.manifest.weights
         self.manifest.check_file(self.folder, w["file"], rehash=verify)  # hashed as a stream, never held
-        table = read_weights(self.folder, self.manifest, mapped=True, widen=False)[w["embed"]["name"]]
-        return np.array(widened(table), host_dtype(self.dtype))
+        name = w["embed"]["name"]
+        shape = read_weights(self.folder, self.manifest, mapped=True, widen=False)[name].shape  # checked, not read
+        table = read_slices(self.folder / w["file"], {name: tuple(slice(0, n) for n in shape)}, ArtifactError,
+                            "re-export the artifacts")[name]
+        return table.astype(host_dtype(self.dtype), copy=False)
 
     def close(self) -> None:
         """Release what the executor holds beyond memory: a tensor-parallel artifact's workers."""

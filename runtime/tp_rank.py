@@ -25,7 +25,7 @@ from mindvl.runtime.artifacts import MindSporeGraphs, read_weights
 from mindvl.shapes.manifest import MANIFEST, Manifest
 from mindvl.shapes.parallel import rank_slice
 from mindvl.shapes.weights import text_weights
-from mindvl.tensorfile import widened
+from mindvl.tensorfile import read_slices
 
 # The group MindSpore bakes into a collective exported without a communication context: HCCL's world group. On
 # Ascend it is the world group; on the CPU backend (mccl) it is created over the same ranks.
@@ -33,19 +33,18 @@ EXPORTED_GROUP = "hccl_world_group"
 
 
 def rank_weights(folder: Path, manifest: Manifest, rank: int) -> dict[str, np.ndarray]:
-    """Rank `rank`'s slice of every text weight (and on rank 0 the vision weights, whole), read through a memory map
-    of the one weights file: only the pages of the rank's slices are read."""
+    """Rank `rank`'s slice of every text weight (and on rank 0 the vision weights, whole), each read from the one
+    weights file on its own: the rank holds its slices and nothing more."""
     cfg, tp, w = manifest.config, manifest.tp, manifest.weights
-    stored = read_weights(folder, manifest, mapped=True, widen=False)
-    dtype = host_dtype(manifest.dtype)
-    arrays = {}
+    stored = read_weights(folder, manifest, mapped=True, widen=False)  # checks the header and shapes, reads no data
+    index = {}
     for weight in text_weights(cfg.text, tp).weights():
         name = w["aliases"].get(weight.name, weight.name)  # a tied LM head is rows of the embedding table
-        whole = stored[name]
-        arrays[name] = np.ascontiguousarray(widened(whole[rank_slice(whole.shape, weight.shape, rank, tp)]), dtype)
+        index[name] = rank_slice(stored[name].shape, weight.shape, rank, tp)
     if rank == 0:
-        arrays.update({e["name"]: np.array(widened(stored[e["name"]]), dtype) for e in w["groups"]["vision"]})
-    return arrays
+        index.update({e["name"]: tuple(slice(0, n) for n in e["shape"]) for e in w["groups"]["vision"]})
+    read = read_slices(folder / w["file"], index, ArtifactError, "re-export the artifacts")
+    return {name: a.astype(host_dtype(manifest.dtype), copy=False) for name, a in read.items()}
 
 
 def allreduce_ms(shape: tuple[int, ...], repeats: int) -> float:

@@ -18,16 +18,13 @@ import numpy as np
 import openai
 import pytest
 from conftest import BATCH4_SPEC
-from reference import hf_greedy, hf_inputs
 from serve_helpers import in_process_server, user_message
-from test_runtime import REQUESTS, ask
+from test_runtime import REQUESTS, assert_two_runtimes_answer_as_transformers
 
 from mindvl.apps.cli import main
 from mindvl.runtime import Runtime
 from mindvl.shapes.buckets import BucketSpec
 from mindvl.shapes.manifest import MANIFEST
-
-NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-gqa3"])
@@ -47,16 +44,9 @@ def test_onnx_answers_as_transformers_and_as_mindir(both, kind):
     onnx = Runtime.load(artifacts, fmt="onnx", prefix_cache_mb=0)
     mindir = Runtime.load(artifacts, fmt="mindir", prefix_cache_mb=0)
     assert (onnx.artifacts.format, mindir.artifacts.format) == ("onnx", "mindir")
-    got = ask(onnx, REQUESTS[kind], max_new_tokens=NEW_TOKENS, keep_logits=True)
-    same = ask(mindir, REQUESTS[kind], max_new_tokens=NEW_TOKENS, keep_logits=True)
-    expected, margin = hf_greedy(model, hf_inputs(model, **REQUESTS[kind]), max_new_tokens=NEW_TOKENS)
-    assert margin > 1e-3
-    assert got.token_ids == same.token_ids == expected[0].tolist()
-    assert got.buckets == same.buckets
+    got = assert_two_runtimes_answer_as_transformers(model, REQUESTS[kind], onnx, mindir, rel=1e-4)
     if kind == "two_images":
         assert got.buckets["vision"] == ["vision_224x224", "vision_112x112"]  # two buckets, two graphs
-    for ours, theirs in zip(got.logits, same.logits, strict=True):
-        assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
 
 
 def test_the_vision_encoder_keeps_the_exact_gelu(both):

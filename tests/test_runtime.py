@@ -32,6 +32,20 @@ def ask(runtime, request, **settings):
                             **settings)
 
 
+def assert_two_runtimes_answer_as_transformers(model_dir, request, ours, reference, rel):
+    """Two runtimes' answers to `request` (the runtime under test's, then the one it is checked against): both
+    transformers' greedy tokens (whose top-2 margin leaves no tie), the same buckets, and logits within `rel` ×
+    max|logit| of the reference's at every step."""
+    got, same = (ask(rt, request, max_new_tokens=NEW_TOKENS, keep_logits=True) for rt in (ours, reference))
+    expected, margin = hf_greedy(model_dir, hf_inputs(model_dir, **request), max_new_tokens=NEW_TOKENS)
+    assert margin > 1e-3
+    assert got.token_ids == same.token_ids == expected[0].tolist()
+    assert got.buckets == same.buckets
+    for mine, theirs in zip(got.logits, same.logits, strict=True):
+        assert np.abs(mine - theirs).max() <= rel * np.abs(theirs).max()
+    return got
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gqa3"])
 def test_runtime_in_a_fresh_process_matches_transformers(exported, preset, tmp_path):
     model_dir, artifacts = exported(preset)

@@ -17,9 +17,8 @@ import time
 import numpy as np
 import openai
 import pytest
-from reference import hf_greedy, hf_inputs
 from serve_helpers import in_process_server, user_message
-from test_runtime import REQUESTS, ask
+from test_runtime import REQUESTS, assert_two_runtimes_answer_as_transformers
 
 from mindvl.apps.cli import main
 from mindvl.errors import ArtifactError
@@ -32,7 +31,6 @@ from mindvl.shapes.manifest import Manifest
 from mindvl.shapes.parallel import TextShard, text_shard
 from mindvl.shapes.weights import COLUMN, REPLICATED, text_weights
 
-NEW_TOKENS = 16
 SPEC = {"images": ["112x112", "224x224"], "videos": [{"frames": 4, "size": "112x112"}], "batch": [1],
         "prefill": [64, 128], "cache": [256]}
 
@@ -68,14 +66,7 @@ def pair(request, exports):
 @pytest.mark.parametrize("kind", REQUESTS)
 def test_tp2_answers_as_one_card_and_as_transformers(pair, kind):
     model, _, _, (one, two) = pair
-    got = ask(two, REQUESTS[kind], max_new_tokens=NEW_TOKENS, keep_logits=True)
-    same = ask(one, REQUESTS[kind], max_new_tokens=NEW_TOKENS, keep_logits=True)
-    expected, margin = hf_greedy(model, hf_inputs(model, **REQUESTS[kind]), max_new_tokens=NEW_TOKENS)
-    assert margin > 1e-3
-    assert got.token_ids == same.token_ids == expected[0].tolist()
-    assert got.buckets == same.buckets
-    for ours, theirs in zip(got.logits, same.logits, strict=True):
-        assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    assert_two_runtimes_answer_as_transformers(model, REQUESTS[kind], two, one, rel=1e-5)
 
 
 def test_each_rank_holds_its_slice_and_only_rank_0_the_vision_encoder(pair):

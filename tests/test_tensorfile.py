@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch
 
 from mindvl.errors import CheckpointError
-from mindvl.tensorfile import read_safetensors, write_safetensors
+from mindvl.tensorfile import read_safetensors, read_slices, write_safetensors
 
 VALUES = np.array([1.0, -2.5, 3.140625, 1e-3, 65504.0, -0.0, 1.00390625, 1.01171875, 3e38, 1e-40], np.float32)
 
@@ -44,3 +44,22 @@ def test_bfloat16_rounds_like_torch(tmp_path):
     assert torch.equal(theirs, expected)
     np.testing.assert_array_equal(read_safetensors(tmp_path / "w.safetensors", CheckpointError, "fix")["x"],
                                   expected.float().numpy())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_read_slices_reads_the_blocks_a_rank_asks_for(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    tensors = {"w": rng.standard_normal((6, 10)).astype(np.float32), "b": rng.standard_normal(6).astype(np.float32)}
+    path = tmp_path / "w.safetensors"
+    write_safetensors(path, tensors, dtype)
+    whole = read_safetensors(path, CheckpointError, "fix")
+    index = {"w": (slice(2, 4), slice(0, 10)), "b": (slice(3, 6),)}  # rows: one read each
+    got = read_slices(path, index, CheckpointError, "fix")
+    np.testing.assert_array_equal(got["w"], whole["w"][2:4])
+    np.testing.assert_array_equal(got["b"], whole["b"][3:6])
+    columns = read_slices(path, {"w": (slice(0, 6), slice(5, 10))}, CheckpointError, "fix")["w"]  # a read per row
+    np.testing.assert_array_equal(columns, whole["w"][:, 5:10])
+    assert columns.flags.writeable and columns.dtype == (np.float16 if dtype == "float16" else np.float32)
+    path.write_bytes(path.read_bytes()[:-8])  # truncated
+    with pytest.raises(CheckpointError, match="truncated or corrupt.*fix"):
+        read_slices(path, index, CheckpointError, "fix")

@@ -56,7 +56,7 @@ def greedy(artifacts: Path, prompt: str, image: str) -> list[int]:
     try:
         return runtime.generate(prompt, images=[image], max_new_tokens=16).token_ids
     finally:
-        runtime.artifacts.close()
+        runtime.close()
 
 
 def decode_overhead(artifacts: Path, calls: int) -> dict[str, float]:
@@ -86,7 +86,7 @@ def decode_overhead(artifacts: Path, calls: int) -> dict[str, float]:
                 "vision_allreduces": 2 * vision.depth,
                 "decode_call_wall_ms": median(walls), "decode_call_in_ranks_ms": max(in_ranks), "calls": calls}
     finally:
-        runtime.artifacts.close()
+        runtime.close()
 
 
 def report_lines(report: dict) -> list[str]:

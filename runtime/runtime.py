@@ -82,6 +82,11 @@ class Runtime:
         refuse_bfloat16_on_cpu(loaded.dtype, device)
         return cls(loaded, device, prefix_cache_mb, vision_cache_mb)
 
+    def close(self) -> None:
+        """Stop what the runtime started outside this process (a tensor-parallel artifact's workers; they stop at
+        exit otherwise). The runtime cannot run graphs afterwards."""
+        self.artifacts.close()
+
     def generate(self, prompt: str, images: Sequence[ImageInput] = (), videos: Sequence[VideoInput] = (),
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, keep_logits: bool = False) -> Output:

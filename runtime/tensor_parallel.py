@@ -97,6 +97,8 @@ class TensorParallelGraphs:
         self.conns: list[Connection] = []
         self.pids: list[int] = []  # the workers', by rank
         self._started: list[int] = []  # every process msrun started that connected, the scheduler's too
+        self.roles: dict[Connection, str] = {}  # what each connection is, for errors
+        self.watched: list[Connection] = []  # the workers' and the scheduler's: any of them closing is a failure
         key = secrets.token_bytes(32)
         self._listener = Listener(("127.0.0.1", 0), authkey=key)
         host, port = self._listener.address
@@ -118,9 +120,14 @@ class TensorParallelGraphs:
         """Accept msrun's scheduler and every worker as each starts, then wait for each worker's ready (or error),
         failing as soon as any of them dies."""
         accepted: list[Connection] = []
-        threading.Thread(target=lambda: accepted.extend(self._listener.accept() for _ in range(self.tp + 1)),
-                         daemon=True).start()
-        self.roles: dict[Connection, str] = {}
+
+        def accept() -> None:
+            try:
+                accepted.extend(self._listener.accept() for _ in range(self.tp + 1))
+            except OSError:  # the listener was closed: starting failed and the group is gone
+                pass
+
+        threading.Thread(target=accept, daemon=True).start()
         ready: dict[int, tuple[Connection, int]] = {}
         started = time.monotonic()
         while len(ready) < self.tp:
@@ -147,7 +154,7 @@ class TensorParallelGraphs:
                 self._fail(f"the workers were not ready within {START_TIMEOUT_S:.0f} s")
         self.conns = [ready[r][0] for r in range(self.tp)]
         self.pids = [ready[r][1] for r in range(self.tp)]
-        self.watched = list(accepted)  # the workers and the scheduler: any of them closing is a failure
+        self.watched = list(accepted)
 
     def _fail(self, why: str, rank: int | None = None) -> None:
         """Stop every worker and raise the one-line error that every later call raises too."""

@@ -60,7 +60,7 @@ def pair(request, exports):
     model, one, two = exports(request.param)
     runtimes = Runtime.load(one, prefix_cache_mb=0), Runtime.load(two, prefix_cache_mb=0)
     yield model, one, two, runtimes
-    runtimes[1].artifacts.close()
+    runtimes[1].close()
 
 
 @pytest.mark.parametrize("kind", REQUESTS)
@@ -161,7 +161,7 @@ def test_a_killed_worker_stops_the_group_with_one_line(exports):
     wait_gone([w["pid"] for w in workers])
     with pytest.raises(ArtifactError, match="worker rank 1 exited"):  # at once: the group is known to be gone
         runtime.generate("Hello.", max_new_tokens=2)
-    runtime.artifacts.close()
+    runtime.close()
 
 
 def worker_pids(driver):

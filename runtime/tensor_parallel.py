@@ -6,8 +6,8 @@ prints exactly as on one card (msrun sends its workers' output to log files). Pe
 the ranks that run the graph — every rank for prefill and decode, rank 0 for vision — over an authenticated local
 connection (multiprocessing.connection, one per rank), and joins the ranks' vocabulary slices of the logits. Only
 the decoder's all-reduces run inside the graphs, on MindSpore's collectives (HCCL on Ascend, mccl on CPU): the
-inputs start on the host anyway, and a host channel also carries the shapes the collectives could not (int32 ids;
-the CPU backend reduces float32 and float16 only).
+inputs start on the host anyway, and a host channel also carries what the CPU collectives could not (int32
+positions and indices: the CPU backend reduces float32 and float16 only).
 
 A worker that dies takes the group down: the driver sees its connection close (or msrun exit), kills every
 process msrun started and raises a one-line error naming the rank and its log; it never waits on a dead rank.

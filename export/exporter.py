@@ -195,7 +195,7 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
                               f"the original checkpoint")
     cfg = read_config(model_dir)
     try:
-        shard = text_weights(cfg.text, buckets.tp)
+        rank_text_weights = text_weights(cfg.text, buckets.tp)
     except ParallelError as e:
         raise ExportError(f"{model_dir}: {e}") from None
     start = time.perf_counter()
@@ -207,7 +207,7 @@ def export_artifacts(model_dir: str | Path, out_dir: str | Path, buckets: Bucket
     weights = {name: tuple(_checked(w, tensors[tied.get(w.name, w.name)], dtype) for w in group)
                for name, group in groups.items()}
     if buckets.tp > 1:  # the text graphs take one rank's slices, of which export needs the shapes only
-        weights["text"] = tuple(zeros(w.shape, dtype) for w in shard.weights())
+        weights["text"] = tuple(zeros(w.shape, dtype) for w in rank_text_weights.weights())
     log(f"loaded {len(arrays)} tensors from {model_dir} in {time.perf_counter() - start:.1f} s")
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
 import re
 import secrets
 import shlex
@@ -197,8 +198,9 @@ class TensorParallelGraphs:
                 raise
 
     def _exchange(self, ranks: range, message: tuple) -> list[Any]:
+        payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)  # once, however many ranks take it (`recv` reads it)
         for r in ranks:
-            self._send(r, message)
+            self._send(r, payload)
         results: dict[int, Any] = {}
         while len(results) < len(ranks):
             ready = wait(self.watched, POLL_S)
@@ -217,9 +219,9 @@ class TensorParallelGraphs:
                 results[r] = value
         return [results[r] for r in ranks]
 
-    def _send(self, rank: int, message: tuple) -> None:
+    def _send(self, rank: int, payload: bytes) -> None:
         try:
-            self.conns[rank].send(message)
+            self.conns[rank].send_bytes(payload)
         except OSError:
             self._fail(f"worker rank {rank}'s connection closed", rank)
 

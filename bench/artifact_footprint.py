@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -64,16 +63,22 @@ def baseline_rss() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the 2B-shaped model")
-    parser.add_argument("--workdir", default=None, help="where checkpoint and artifacts go (default: a temp dir)")
+    parser.add_argument("--workdir", default=None, help="where checkpoint and artifacts go (default: a temporary folder, removed afterwards)")
     parser.add_argument("--repeats", type=int, default=3, help="cold starts measured per artifact folder")
     args = parser.parse_args()
 
+    from mindvl.bench.benchmark import work_folder
+
+    with work_folder(args.workdir, "mindvl-footprint-") as work:
+        measure(work, args.layers, args.repeats)
+
+
+def measure(work: Path, layers: int, repeats: int) -> None:
     from mindvl.shapes.manifest import Manifest
     from mindvl.testing.checkpoints import write_checkpoint
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="mindvl-footprint-"))
     start = time.perf_counter()
-    model = write_checkpoint(work / f"2b-{args.layers}layers", "2b-shapes", num_hidden_layers=args.layers)
+    model = write_checkpoint(work / f"2b-{layers}layers", "2b-shapes", num_hidden_layers=layers)
     print(f"checkpoint {model} ({time.perf_counter() - start:.0f} s)")
     many, one = work / "artifacts-bench-2b", work / "artifacts-one-bucket"
     (work / "one-bucket.yaml").write_text("images: [448x448]\nbatch: [1]\nprefill: [512]\ncache: [1024]\n")
@@ -94,20 +99,20 @@ def main() -> None:
     memory = child(many, "memory")
     base = baseline_rss()
     budget = weights + memory["cache_bytes"]
-    cold = {out: [child(out, "first-token") for _ in range(args.repeats)] for out in (many, one)}
+    cold = {out: [child(out, "first-token") for _ in range(repeats)] for out in (many, one)}
     first = {out: sorted(r["first_token_s"] for r in runs)[len(runs) // 2] for out, runs in cold.items()}
 
     gb = lambda n: f"{n / 2**30:.3f} GB"  # noqa: E731
     print(json.dumps({"export_s": {str(k): v for k, v in export_s.items()}, "memory": memory, "baseline_rss": base,
                       "cold": {str(k): v for k, v in cold.items()}}, indent=1))
-    print(f"\n| 2B shapes, {args.layers} decoder layers, fp32 | {len(m.graphs)} graphs | weights {gb(weights)} | "
+    print(f"\n| 2B shapes, {layers} decoder layers, fp32 | {len(m.graphs)} graphs | weights {gb(weights)} | "
           f"graphs {graph_bytes / 2**20:.2f} MB | disk {gb(disk)} = {disk / weights:.4f} × weights "
           f"(target ≤ {gb(disk_target)}) | export {export_s[many]:.0f} s |")
     print(f"| memory after loading all {memory['graphs_loaded']} graphs + every cache | RSS {gb(memory['rss_bytes'])} "
           f"(MindSpore + runtime alone: {gb(base)}) | weights + caches {gb(budget)} | "
           f"RSS / (weights + caches) = {memory['rss_bytes'] / budget:.3f}, excluding the import baseline "
           f"{(memory['rss_bytes'] - base) / budget:.3f} (target ≤ 1.15) |")
-    print(f"| cold start, load → first token (448x448 image + question), median of {args.repeats} | "
+    print(f"| cold start, load → first token (448x448 image + question), median of {repeats} | "
           f"{len(m.graphs)} buckets {first[many]:.2f} s | 1 bucket {first[one]:.2f} s | "
           f"ratio {first[many] / first[one]:.2f} (target ≤ 2) |")
 

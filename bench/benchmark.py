@@ -19,10 +19,11 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from statistics import median
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -80,6 +81,18 @@ def export_once(model: Path, out: Path, spec: dict) -> Path:
     subprocess.run([sys.executable, "-m", "mindvl", "export", str(model), "-o", str(out), "--buckets",
                     str(out.parent / f"{out.name}.yaml"), "--force"], check=True, stderr=subprocess.DEVNULL)
     return out
+
+
+@contextmanager
+def work_folder(workdir: str | Path | None, prefix: str) -> Iterator[Path]:
+    """`workdir` when the user names one (kept, so a later run can reuse its exports); else a temporary folder,
+    removed afterwards: a 2B-shaped export is gigabytes, and nobody looks for it under /tmp."""
+    if workdir:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        yield Path(workdir)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
 
 
 def script_args(doc: str, workdir: str, repeats: int, report_lines: Callable[[dict], list[str]]) -> argparse.Namespace:
@@ -213,8 +226,6 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
     from mindvl.testing.media import sample_image
 
     target = Path(target)
-    work = Path(workdir or tempfile.mkdtemp(prefix="mindvl-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
     is_artifacts = (target / MANIFEST).is_file()
     model_dir = Path(model) if model else (None if is_artifacts else target)
     if model_dir is None and set(modes) - set(EXPORTED):
@@ -227,61 +238,63 @@ def run_bench(target: str | Path, modes: tuple[str, ...] = MODES, image: str | N
         if mode in modes and importlib.util.find_spec(package) is None:
             log(f"{package} is not installed: skipping the {mode} mode (pip install 'mindvl[{extra}]')")
             modes = tuple(m for m in modes if m != mode)
-    tokenizer_dir = target / "tokenizer" if is_artifacts else model_dir
-    if image is None:
-        image = str(work / "bench-448x448.png")
-        sample_image(448, 448, seed=0).save(image)
-    prompt = question(tokenizer_dir, prompt_tokens)
+    with work_folder(workdir, "mindvl-bench-") as work:
+        tokenizer_dir = target / "tokenizer" if is_artifacts else model_dir
+        if image is None:
+            image = str(work / "bench-448x448.png")
+            sample_image(448, 448, seed=0).save(image)
+        prompt = question(tokenizer_dir, prompt_tokens)
 
-    export_s = None
-    if is_artifacts:
-        manifest = Manifest.read(target)
-        artifacts, cfg, spec = target, manifest.config, BucketSpec.from_dict(manifest.buckets)
-    else:
-        artifacts, cfg = work / "artifacts", read_config(model_dir)
-        spec = buckets or _auto_spec(model_dir, image, prompt, new_tokens, dtype)
-    formats = [f for mode, f in (("runtime", "mindir"), ("onnx", "onnx")) if mode in modes]
-    if not is_artifacts and formats:
-        (work / "buckets.yaml").write_text(json.dumps(spec.to_dict()))
-        log(f"exporting {model_dir} → {artifacts} (buckets: {spec.to_dict()}, formats {formats})")
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "mindvl", "export", str(model_dir), "-o", str(artifacts),
-                        "--buckets", str(work / "buckets.yaml"), "--dtype", dtype, "--force", "--format",
-                        ",".join(formats)], check=True, stderr=subprocess.DEVNULL)
-        export_s = time.perf_counter() - start
-    setup = {"artifacts": str(artifacts), "model": str(model_dir) if model_dir else None, "images": [image],
-             "prompt": prompt, "new_tokens": new_tokens, "dtype": dtype, "buckets": spec.to_dict(), "device": device}
-    (work / "setup.json").write_text(json.dumps(setup))
+        export_s = None
+        if is_artifacts:
+            manifest = Manifest.read(target)
+            artifacts, cfg, spec = target, manifest.config, BucketSpec.from_dict(manifest.buckets)
+        else:
+            artifacts, cfg = work / "artifacts", read_config(model_dir)
+            spec = buckets or _auto_spec(model_dir, image, prompt, new_tokens, dtype)
+        formats = [f for mode, f in (("runtime", "mindir"), ("onnx", "onnx")) if mode in modes]
+        if not is_artifacts and formats:
+            (work / "buckets.yaml").write_text(json.dumps(spec.to_dict()))
+            log(f"exporting {model_dir} → {artifacts} (buckets: {spec.to_dict()}, formats {formats})")
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "mindvl", "export", str(model_dir), "-o", str(artifacts),
+                            "--buckets", str(work / "buckets.yaml"), "--dtype", dtype, "--force", "--format",
+                            ",".join(formats)], check=True, stderr=subprocess.DEVNULL)
+            export_s = time.perf_counter() - start
+        setup = {"artifacts": str(artifacts), "model": str(model_dir) if model_dir else None, "images": [image],
+                 "prompt": prompt, "new_tokens": new_tokens, "dtype": dtype, "buckets": spec.to_dict(),
+                 "device": device}
+        (work / "setup.json").write_text(json.dumps(setup))
 
-    exported = is_artifacts or bool(formats)  # else work/artifacts may be an earlier run's
-    weight_bytes = (artifacts / "weights.safetensors").stat().st_size if exported else sum(
-        f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-    together = interleave(len(modes), weight_bytes)
-    if not together:
-        log(f"{len(modes)} workers holding {weight_bytes / 1e9:.1f} GB of weights each do not fit in memory together: "
-            f"measuring the modes one after another instead of interleaved")
-    ready, runs, stats = {}, {}, {}
-    for group in [modes] if together else [(m,) for m in modes]:
-        _measure(group, work / "setup.json", repeats, ready, runs, stats)
+        exported = is_artifacts or bool(formats)  # else work/artifacts may be an earlier run's
+        weight_bytes = (artifacts / "weights.safetensors").stat().st_size if exported else sum(
+            f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+        together = interleave(len(modes), weight_bytes)
+        if not together:
+            log(f"{len(modes)} workers holding {weight_bytes / 1e9:.1f} GB of weights each do not fit in memory "
+                f"together: measuring the modes one after another instead of interleaved")
+        ready, runs, stats = {}, {}, {}
+        for group in [modes] if together else [(m,) for m in modes]:
+            _measure(group, work / "setup.json", repeats, ready, runs, stats)
 
-    log("measuring memory read bandwidth")
-    bandwidth = read_bandwidth()
-    prompt_len = Processor(tokenizer_dir, spec).prepare(prompt, images=[image]).input_ids.shape[1]
-    step_bytes = decode_bytes(cfg, dtype, prompt_len + new_tokens // 2)
-    roofline_ms = step_bytes / bandwidth * 1e3
-    results = [_summary(m, ready[m], runs[m], stats[m], roofline_ms,
-                        {"export_s": export_s} if m in EXPORTED else {}) for m in modes]
-    return {
-        "date": str(date.today()),
-        "machine": machine(),
-        "model": {"layers": cfg.text.num_hidden_layers, "hidden_size": cfg.text.hidden_size,
-                  "vocab_size": cfg.text.vocab_size, "vision_depth": cfg.vision.depth, "dtype": dtype},
-        "workload": {"image": Path(image).name, "image_bucket": spec.to_dict().get("images"),
-                     "prompt_tokens": prompt_len, "question_tokens": prompt_tokens, "new_tokens": new_tokens,
-                     "repeats": repeats, "interleaved": together, "prefill": spec.prefill, "cache": spec.cache},
-        "bandwidth_gb_s": bandwidth / 1e9, "decode_step_bytes": step_bytes, "roofline_decode_ms": roofline_ms,
-        "results": results,
-    }
+        log("measuring memory read bandwidth")
+        bandwidth = read_bandwidth()
+        prompt_len = Processor(tokenizer_dir, spec).prepare(prompt, images=[image]).input_ids.shape[1]
+        step_bytes = decode_bytes(cfg, dtype, prompt_len + new_tokens // 2)
+        roofline_ms = step_bytes / bandwidth * 1e3
+        results = [_summary(m, ready[m], runs[m], stats[m], roofline_ms,
+                            {"export_s": export_s} if m in EXPORTED else {}) for m in modes]
+        return {
+            "date": str(date.today()),
+            "machine": machine(),
+            "model": {"layers": cfg.text.num_hidden_layers, "hidden_size": cfg.text.hidden_size,
+                      "vocab_size": cfg.text.vocab_size, "vision_depth": cfg.vision.depth, "dtype": dtype},
+            "workload": {"image": Path(image).name, "image_bucket": spec.to_dict().get("images"),
+                         "prompt_tokens": prompt_len, "question_tokens": prompt_tokens, "new_tokens": new_tokens,
+                         "repeats": repeats, "interleaved": together, "prefill": spec.prefill, "cache": spec.cache},
+            "bandwidth_gb_s": bandwidth / 1e9, "decode_step_bytes": step_bytes, "roofline_decode_ms": roofline_ms,
+            "results": results,
+        }
 
 
 def machine() -> dict[str, Any]:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from mindvl.apps.cli import main
@@ -67,14 +68,19 @@ def test_op_profile_accounts_for_a_graph_op_by_op(exported):
 
 
 def test_modes_run_one_after_another_when_their_weights_do_not_fit_together(exported, tmp_path, monkeypatch):
+    """Also: without --workdir, the export goes to a temporary folder that is gone afterwards."""
     from mindvl.bench import benchmark
 
     assert benchmark.interleave(4, 10**6) and not benchmark.interleave(4, 10**13)
     monkeypatch.setattr(benchmark, "interleave", lambda workers, weight_bytes: False)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     model_dir, _ = exported("tiny")
     report_file = tmp_path / "report.json"
     assert main(["bench", str(model_dir), "--modes", "runtime,graph", "--new-tokens", "3", "--repeats", "2",
-                 "--prompt-tokens", "8", "--workdir", str(tmp_path / "work"), "--json", str(report_file)]) == 0
+                 "--prompt-tokens", "8", "--json", str(report_file)]) == 0
     report = json.loads(report_file.read_text())
     assert report["workload"]["interleaved"] is False
     assert [(r["mode"], r["decode_steps"]) for r in report["results"]] == [("runtime", 4), ("graph", 4)]
+    assert list(temp.iterdir()) == []

@@ -63,7 +63,8 @@ def baseline_rss() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the 2B-shaped model")
-    parser.add_argument("--workdir", default=None, help="where checkpoint and artifacts go (default: a temporary folder, removed afterwards)")
+    parser.add_argument("--workdir", default=None,
+                        help="where checkpoint and artifacts go (default: a temporary folder, removed afterwards)")
     parser.add_argument("--repeats", type=int, default=3, help="cold starts measured per artifact folder")
     args = parser.parse_args()
 

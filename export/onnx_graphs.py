@@ -101,10 +101,20 @@ class _Graph:
     def layer_norm(self, x: str, weight: str, bias: str) -> str:
         return self.op("LayerNormalization", x, weight, bias, axis=-1, epsilon=1e-6)
 
-    def rotary(self, x: str, cos: str, sin: str, half: int) -> str:
-        first, second = self.split(x, [half, half])
-        rotated = self.op("Concat", self.op("Neg", second), first, axis=-1)
-        return self.op("Add", self.op("Mul", x, cos), self.op("Mul", rotated, sin))
+    def rotary_tables(self, cos: str, sin: str, d: int, scale: float) -> tuple[str, str, str, str]:
+        """cos and sin for `rotary`, made once per graph: sin with its first half negated (rotate_half's sign), and
+        both times `scale` for the queries (the attention scale, folded in: no multiply per layer)."""
+        signed = self.op("Mul", sin, self.const(np.repeat(np.float32([-1, 1]), d // 2)))
+        return cos, signed, self.op("Mul", cos, self.const(scale)), self.op("Mul", signed, self.const(scale))
+
+    def rotary(self, x: str, cos: str, signed_sin: str, shape: Sequence[int]) -> str:
+        """x * cos + rotate_half(x) * sin, x of `shape` (head dim last). The halves are swapped by one reversing
+        Slice over a [2, d/2] view, the sign is in `signed_sin`: two ops fewer than Split, Neg and Concat."""
+        *lead, d = shape
+        x = self.reshape(x, *shape)
+        halves = self.reshape(x, *lead, 2, d // 2)
+        swapped = self.op("Slice", halves, self.const([-1]), self.const([-(2**63)]), self.const([-2]), self.const([-1]))
+        return self.op("Add", self.op("Mul", x, cos), self.op("Mul", self.reshape(swapped, *shape), signed_sin))
 
     def sigmoid_gate(self, x: str, slope: float) -> str:
         """x * sigmoid(slope * x): SiLU (1) and quick GELU (1.702)."""
@@ -121,8 +131,7 @@ def _vision(g: _Graph, cfg: ModelConfig, spec: GraphSpec) -> str:
     v = cfg.vision
     n, groups, heads, d = spec.inputs[0].shape[0], spec.bucket["groups"], v.num_heads, v.head_dim
     at = vision_weights(v)
-    cos, sin = g.reshape("cos", n, 1, d), g.reshape("sin", n, 1, d)
-    scale = g.const(float(d**-0.5))
+    cos, sin, q_cos, q_sin = g.rotary_tables(g.reshape("cos", n, 1, d), g.reshape("sin", n, 1, d), d, d**-0.5)
 
     def by_group(t: str) -> str:  # [n, heads, d] -> [groups * heads, n / groups, d]
         t = g.op("Transpose", g.reshape(t, groups, n // groups, heads, d), perm=[0, 2, 1, 3])
@@ -133,9 +142,9 @@ def _vision(g: _Graph, cfg: ModelConfig, spec: GraphSpec) -> str:
         w = {role: weight.name for role, weight in block._asdict().items()}
         h = g.layer_norm(x, w["norm1_weight"], w["norm1_bias"])
         qkv = g.linear(h, w["qkv_weight"], w["qkv_bias"])
-        q, k, val = (g.reshape(t, n, heads, d) for t in g.split(qkv, [v.embed_dim] * 3))
-        q = by_group(g.op("Mul", g.rotary(q, cos, sin, d // 2), scale))
-        k = by_group(g.rotary(k, cos, sin, d // 2))
+        q, k, val = g.split(qkv, [v.embed_dim] * 3)
+        q = by_group(g.rotary(q, q_cos, q_sin, (n, heads, d)))
+        k = by_group(g.rotary(k, cos, sin, (n, heads, d)))
         probs = g.op("Softmax", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 2, 1])), axis=-1)
         out = g.op("MatMul", probs, by_group(val))
         out = g.reshape(g.op("Transpose", g.reshape(out, groups, heads, n // groups, d), perm=[0, 2, 1, 3]), n, -1)
@@ -157,21 +166,20 @@ def _text(g: _Graph, cfg: ModelConfig, spec: GraphSpec) -> tuple[str, dict[str, 
     # M-RoPE: positions [3, B, S] -> angles [B, S, d] through the section table, as TextStep.rotary.
     positions = g.op("Transpose", g.op("Cast", "position_ids", to=TensorProto.FLOAT), perm=[1, 2, 0])
     angle = g.op("MatMul", positions, g.const(mrope_table(t)))
-    cos, sin = (g.reshape(g.op(f, angle), b, s, 1, d) for f in ("Cos", "Sin"))
+    cos, sin, q_cos, q_sin = g.rotary_tables(*(g.reshape(g.op(f, angle), b, s, 1, d) for f in ("Cos", "Sin")), d,
+                                             d**-0.5)
     # Rows of the flattened cache this call writes: (batch, kv head) block start + slot, one index per row.
     base = (np.arange(b * kvh, dtype=np.int64) * capacity).reshape(b, kvh, 1)
     slots = g.reshape(g.op("Cast", "cache_positions", to=TensorProto.INT64), b, 1, s)
     rows = g.op("Unsqueeze", g.op("Add", g.const(base), slots), g.const([-1]))
     mask = g.reshape("mask", b, 1, 1, s, capacity)
-    scale = g.const(float(d**-0.5))
     presents = {}
     x = g.reshape("embeds", b * s, hidden)
     for i, layer in enumerate(at.layers):
         w = {role: weight.name for role, weight in layer._asdict().items()}
         h = g.rms_norm(x, w["input_norm_weight"], t.rms_norm_eps)
-        q = g.reshape(g.linear(h, w["q_weight"], w["q_bias"]), b, s, heads, d)
-        q = g.op("Mul", g.rotary(q, cos, sin, d // 2), scale)
-        k = g.rotary(g.reshape(g.linear(h, w["k_weight"], w["k_bias"]), b, s, kvh, d), cos, sin, d // 2)
+        q = g.rotary(g.linear(h, w["q_weight"], w["q_bias"]), q_cos, q_sin, (b, s, heads, d))
+        k = g.rotary(g.linear(h, w["k_weight"], w["k_bias"]), cos, sin, (b, s, kvh, d))
         val = g.reshape(g.linear(h, w["v_weight"], w["v_bias"]), b, s, kvh, d)
         cache = {}
         for kind, new in (("k", k), ("v", val)):

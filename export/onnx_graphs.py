@@ -108,13 +108,12 @@ class _Graph:
         return cos, signed, self.op("Mul", cos, self.const(scale)), self.op("Mul", signed, self.const(scale))
 
     def rotary(self, x: str, cos: str, signed_sin: str, shape: Sequence[int]) -> str:
-        """x * cos + rotate_half(x) * sin, x of `shape` (head dim last). The halves are swapped by one reversing
-        Slice over a [2, d/2] view, the sign is in `signed_sin`: two ops fewer than Split, Neg and Concat."""
-        *lead, d = shape
+        """x * cos + rotate_half(x) * sin, x of `shape` (head dim last); the sign is in `signed_sin`, so the halves
+        are only swapped (no Neg per layer)."""
         x = self.reshape(x, *shape)
-        halves = self.reshape(x, *lead, 2, d // 2)
-        swapped = self.op("Slice", halves, self.const([-1]), self.const([-(2**63)]), self.const([-2]), self.const([-1]))
-        return self.op("Add", self.op("Mul", x, cos), self.op("Mul", self.reshape(swapped, *shape), signed_sin))
+        first, second = self.split(x, [shape[-1] // 2] * 2)
+        swapped = self.op("Concat", second, first, axis=-1)
+        return self.op("Add", self.op("Mul", x, cos), self.op("Mul", swapped, signed_sin))
 
     def sigmoid_gate(self, x: str, slope: float) -> str:
         """x * sigmoid(slope * x): SiLU (1) and quick GELU (1.702)."""

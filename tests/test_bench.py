@@ -84,3 +84,14 @@ def test_modes_run_one_after_another_when_their_weights_do_not_fit_together(expo
     assert report["workload"]["interleaved"] is False
     assert [(r["mode"], r["decode_steps"]) for r in report["results"]] == [("runtime", 4), ("graph", 4)]
     assert list(temp.iterdir()) == []
+
+
+def test_onnx_probes_time_every_variant():
+    script = Path(__file__).resolve().parent.parent / "bench" / "onnx_probes.py"
+    run = subprocess.run([sys.executable, str(script), "--rounds", "2", "--calls", "1"], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "ms per" not in line]
+    names = [name.strip() for name, _ in rows]
+    assert {"Gemm, weight a graph input", "torch linear", "attention: ONNX Attention (opset 23)"} <= set(names)
+    assert all(len(times.split(" / ")) == 2 and min(map(float, times.split(" / "))) > 0 for _, times in rows)
